@@ -1,0 +1,28 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch lies on disk for this version; any other version pulls a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check sd3_jax tests bench experiments
+	$(BIN)/ruff format --check sd3_jax tests bench experiments
+
+demo: $(STAMP)
+	$(BIN)/python -m sd3_jax.demo --out demo_out
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,343 @@
+"""Checkpoint mappings as tables: source tensor names -> param paths, each with its transform.
+
+A `Rule` says which source tensors make which params and how (transpose, split a fused qkv, swap shift and
+scale), and how to go back. `to_params` applies a table to a tensor source, one tensor at a time, checking
+names and shapes against the model's abstract params; `to_source` runs the same table backwards to export.
+Scanned (stacked) layers are addressed by a `Target` with a layer index into the leading axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from sd3_jax.convert.safetensors_io import SafetensorsFile
+
+Path = tuple[str, ...]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: Path  # param path, e.g. ("blocks_0", "attn", "q", "kernel")
+    layer: int | None = None  # index into the leading (scanned) axis, None for unstacked params
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    sources: tuple[str, ...]  # source tensor names
+    targets: tuple[Target, ...]  # params they make
+    forward: Callable[..., tuple[np.ndarray, ...]]  # source arrays -> target arrays
+    backward: Callable[..., tuple[np.ndarray, ...]]  # target arrays -> source arrays
+
+
+def _one(f: Callable[[np.ndarray], np.ndarray]) -> Callable[..., tuple[np.ndarray, ...]]:
+    return lambda *a: (f(*a),)
+
+
+def rule(source: str, path: Path, layer: int | None = None, fwd=None, bwd=None) -> Rule:
+    """One tensor to one param, with an optional transform and its inverse."""
+    ident = lambda a: a
+    return Rule((source,), (Target(path, layer),), _one(fwd or ident), _one(bwd or ident))
+
+
+def dense(
+    source: str, path: Path, layer: int | None = None, bias: bool = True, out_shape=None, in_shape=None
+):
+    """A torch Linear (`weight` (out, in), `bias`) to a flax kernel (in..., out...) and bias (out...).
+
+    `out_shape`/`in_shape` reshape the output/input features, e.g. (heads, head_dim) for attention.
+    """
+
+    def fwd(w):
+        w = w.T
+        if in_shape is not None:
+            w = w.reshape(*in_shape, w.shape[-1])
+        if out_shape is not None:
+            w = w.reshape(*w.shape[: w.ndim - 1], *out_shape)
+        return w
+
+    def bwd(k):
+        n_in = len(in_shape) if in_shape is not None else 1
+        k = k.reshape(int(np.prod(k.shape[:n_in])), -1)
+        return k.T
+
+    rules = [rule(f"{source}.weight", path + ("kernel",), layer, fwd, bwd)]
+    if bias:
+        bshape = out_shape
+        rules.append(
+            rule(
+                f"{source}.bias",
+                path + ("bias",),
+                layer,
+                (lambda b: b.reshape(bshape)) if bshape is not None else None,
+                (lambda b: b.reshape(-1)) if bshape is not None else None,
+            )
+        )
+    return rules
+
+
+def split(source: str, targets: Sequence[Target], fwd_each: Callable[[np.ndarray], np.ndarray], bwd_each):
+    """One fused tensor (e.g. Stability's `qkv`) split in equal parts along axis 0, each transformed."""
+    n = len(targets)
+
+    def fwd(a):
+        return tuple(fwd_each(p) for p in np.split(a, n, axis=0))
+
+    def bwd(*ps):
+        return (np.concatenate([bwd_each(p) for p in ps], axis=0),)
+
+    return Rule((source,), tuple(targets), fwd, bwd)
+
+
+def swap_halves(a: np.ndarray) -> np.ndarray:
+    """(shift, scale) <-> (scale, shift) along axis 0; its own inverse."""
+    x, y = np.split(a, 2, axis=0)
+    return np.concatenate([y, x], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor sources: one interface over dicts of arrays, safetensors files and diffusers folders.
+
+
+class TensorSource:
+    """Named tensors read one at a time: a dict, one safetensors file, or a sharded set of them."""
+
+    def __init__(self, readers: Mapping[str, Any], prefix: str = "", description: str = "tensors"):
+        self._readers = readers  # name (without prefix) -> object with read/shape/dtype for the full name
+        self._prefix = prefix
+        self.description = description
+
+    def keys(self) -> list[str]:
+        return list(self._readers)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._readers
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._readers[name].shape(self._prefix + name))
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._readers[name].dtype(self._prefix + name))
+
+    def read(self, name: str) -> np.ndarray:
+        return self._readers[name].read(self._prefix + name)
+
+    def with_prefix(self, prefix: str) -> TensorSource:
+        """The tensors whose names start with `prefix`, named without it."""
+        readers = {k[len(prefix) :]: r for k, r in self._readers.items() if k.startswith(prefix)}
+        return TensorSource(readers, self._prefix + prefix, f"{self.description} [{prefix}]")
+
+    def prefixes(self, candidates: Sequence[str]) -> list[str]:
+        return [p for p in candidates if any(k.startswith(p) for k in self._readers)]
+
+
+class _DictReader:
+    def __init__(self, d: Mapping[str, Any]):
+        self._d = d
+
+    def _arr(self, name):
+        v = self._d[name]
+        if hasattr(v, "detach"):  # a torch tensor, kept out of our imports
+            import torch
+
+            v = v.detach().cpu()
+            if v.dtype == torch.bfloat16:
+                import ml_dtypes
+
+                return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return v.numpy()
+        return np.asarray(v)
+
+    def shape(self, name):
+        return np.shape(self._d[name])
+
+    def dtype(self, name):
+        return self._arr(name).dtype
+
+    def read(self, name):
+        return self._arr(name)
+
+
+def open_tensors(source: Any) -> TensorSource:
+    """A TensorSource over a dict, a `.safetensors` file, a diffusers index json, or a folder holding those."""
+    if isinstance(source, TensorSource):
+        return source
+    if isinstance(source, Mapping):
+        r = _DictReader(source)
+        return TensorSource({k: r for k in source}, description="state dict")
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        index = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors.index.json")]
+        files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+        if index:
+            return open_tensors(os.path.join(path, index[0]))
+        if len(files) != 1:
+            raise CheckpointError(
+                f"{path}: expected one .safetensors file or an index, found {files or 'none'}"
+            )
+        return open_tensors(os.path.join(path, files[0]))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.endswith(".index.json"):
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        base = os.path.dirname(path)
+        files = {name: SafetensorsFile(os.path.join(base, name)) for name in sorted(set(weight_map.values()))}
+        return TensorSource({k: files[v] for k, v in weight_map.items()}, description=path)
+    if path.endswith((".pt", ".ckpt", ".bin", ".pth")):
+        raise CheckpointError(
+            f"{path}: pickled checkpoints are not read (they can run code); convert it to .safetensors first"
+        )
+    f = SafetensorsFile(path)
+    return TensorSource({k: f for k in f.keys()}, description=path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying a table.
+
+
+def _fmt(names: Sequence[str], limit: int = 12) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_keys(src: TensorSource, rules: Sequence[Rule], what: str) -> None:
+    """Raises CheckpointError naming missing and unexpected tensors."""
+    wanted = {s for r in rules for s in r.sources}
+    have = set(src.keys())
+    missing, unexpected = wanted - have, have - wanted
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors: {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors: {_fmt(unexpected)}")
+        raise CheckpointError(f"{src.description} does not match {what}: " + "; ".join(parts))
+
+
+def _get(tree: Mapping[str, Any], path: Path) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def to_params(
+    src: TensorSource,
+    rules: Sequence[Rule],
+    abstract: Mapping[str, Any],
+    what: str,
+    dtype: Any = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Builds a numpy params tree shaped like `abstract` (a tree of ShapeDtypeStructs) from `src`.
+
+    Tensors keep the file's dtype unless `dtype` is given. Every param must be made by exactly one rule.
+    """
+    check_keys(src, rules, what)
+    out: dict[str, Any] = {}
+    filled: dict[Path, set[int | None]] = {}
+    for r in rules:
+        arrays = []
+        for s in r.sources:
+            a = src.read(s)
+            arrays.append(a if dtype is None else a.astype(dtype))
+            if progress is not None:
+                progress(a.nbytes)
+        try:
+            outs = r.forward(*arrays)
+        except ValueError:
+            outs = None
+        for i, t in enumerate(r.targets):
+            try:
+                want = _get(abstract, t.path)
+            except (KeyError, TypeError):
+                raise CheckpointError(
+                    f"{what}: table names param {'/'.join(t.path)} the model lacks"
+                ) from None
+            shape = tuple(want.shape) if t.layer is None else tuple(want.shape[1:])
+            if outs is None or tuple(outs[i].shape) != shape:
+                got = ", ".join(f"{s} {tuple(a.shape)}" for s, a in zip(r.sources, arrays))
+                expect = _expected_source_shapes(r, abstract)
+                raise CheckpointError(
+                    f"{what}: shape mismatch for {got}; the model expects {expect} "
+                    f"(param {'/'.join(t.path)} {shape})"
+                )
+            value = outs[i]
+            if t.layer is None:
+                _set(out, t.path, value)
+            else:
+                try:
+                    buf = _get(out, t.path)
+                except KeyError:
+                    buf = np.empty(want.shape, value.dtype)
+                    _set(out, t.path, buf)
+                buf[t.layer] = value
+            filled.setdefault(t.path, set()).add(t.layer)
+    unmade = []
+    for path, leaf in _leaves(abstract):
+        layers = filled.get(path, set())
+        complete = layers == {None} if path not in filled or None in layers else len(layers) == leaf.shape[0]
+        if not complete:
+            unmade.append("/".join(path))
+    if unmade:
+        raise CheckpointError(f"{what}: no tensor in {src.description} makes params {_fmt(unmade)}")
+    return out
+
+
+def _leaves(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _expected_source_shapes(r: Rule, abstract: Mapping[str, Any]) -> str:
+    outs = []
+    for t in r.targets:
+        want = _get(abstract, t.path)
+        shape = tuple(want.shape) if t.layer is None else tuple(want.shape[1:])
+        outs.append(np.zeros(shape, np.float32))
+    srcs = r.backward(*outs)
+    return ", ".join(f"{s} {tuple(a.shape)}" for s, a in zip(r.sources, srcs))
+
+
+def source_shapes(rules: Sequence[Rule], abstract: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape each source tensor must have, from the abstract params (used to stream exports)."""
+    shapes = {}
+    for r in rules:
+        outs = []
+        for t in r.targets:
+            want = _get(abstract, t.path)
+            shape = tuple(want.shape) if t.layer is None else tuple(want.shape[1:])
+            outs.append(np.broadcast_to(np.zeros((), np.float32), shape))
+        for s, a in zip(r.sources, r.backward(*outs)):
+            shapes[s] = tuple(a.shape)
+    return shapes
+
+
+def to_source(params: Mapping[str, Any], rules: Sequence[Rule]) -> Iterator[tuple[str, np.ndarray]]:
+    """Runs the table backwards: yields (source name, numpy array) one rule at a time."""
+    for r in rules:
+        parts = []
+        for t in r.targets:
+            a = _get(params, t.path)
+            parts.append(np.asarray(a if t.layer is None else a[t.layer]))
+        for s, a in zip(r.sources, r.backward(*parts)):
+            yield s, np.ascontiguousarray(a)

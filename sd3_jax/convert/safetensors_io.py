@@ -1,0 +1,174 @@
+"""Reads and writes safetensors files without torch, one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to its dtype,
+shape and byte range, then the raw bytes. Reading memory-maps the file, so only the tensor asked for is
+paged in; bf16 and fp8 come back as `ml_dtypes` arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+class CorruptFileError(ValueError):
+    """A safetensors file whose header or byte ranges do not hold together."""
+
+
+class SafetensorsFile:
+    """One safetensors file opened for reading tensor by tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorruptFileError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise CorruptFileError(
+                    f"{self.path}: truncated or corrupt header (says {n} bytes, file {size})"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CorruptFileError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CorruptFileError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CorruptFileError(
+                    f"{self.path}: corrupt header entry for tensor {name!r}: {e}"
+                ) from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+                raise CorruptFileError(f"{self.path}: tensor {name!r} byte range does not match its shape")
+            if self._start + end > size:
+                raise CorruptFileError(
+                    f"{self.path}: truncated file: tensor {name!r} ends at byte {self._start + end}, "
+                    f"file has {size}"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+        self._file = open(self.path, "rb")
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self._entries[name]
+        return end - begin
+
+    def read(self, name: str) -> np.ndarray:
+        """Returns a copy of one tensor in host memory."""
+        dtype, shape, begin, end = self._entries[name]
+        buf = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=self._start + begin)
+        return buf.view(dtype).reshape(shape).copy()
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.close()
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+) -> None:
+    """Writes tensors to `path` atomically (a temporary file renamed into place).
+
+    `tensors` may be a mapping or an iterator of (name, array). With `shapes` (name -> (shape, dtype)) given up
+    front, the header is written first and tensors are streamed one at a time in that order, so the iterator
+    never needs to hold more than one array.
+    """
+    path = os.fspath(path)
+    items: Iterator[tuple[str, np.ndarray]]
+    if shapes is None:
+        tensors = dict(tensors)
+        shapes = {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in tensors.items()}
+        items = iter(tensors.items())
+    else:
+        items = iter(tensors.items()) if isinstance(tensors, Mapping) else iter(tensors)
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, (shape, dtype) in shapes.items():
+        dtype = np.dtype(dtype)
+        if dtype not in CODES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            names = list(shapes)
+            count = 0
+            for name, array in items:
+                if count >= len(names) or name != names[count]:
+                    raise ValueError(f"tensor {name!r} out of the header's order")
+                count += 1
+                shape, dtype = shapes[name]
+                a = np.ascontiguousarray(np.asarray(array))
+                if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+                    raise ValueError(f"tensor {name!r}: got {a.shape} {a.dtype}, header says {shape} {dtype}")
+                f.write(a.tobytes())
+            if count != len(names):
+                raise ValueError(f"{len(names) - count} tensors named in the header were never written")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,6 @@
+"""Flax linen modules of SD3: the MMDiT, the VAE and the text encoders.
+
+Einsum axis letters, used the same way in every module:
+  B batch, L sequence (query side), S sequence (key side), D model width, N heads, K head width,
+  F feed-forward width, H/W spatial height/width, C channels.
+"""

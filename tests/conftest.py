@@ -1,0 +1,43 @@
+"""Shared fixtures and helpers for the test suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def randomize_(module, seed: int = 0, std: float = 0.1) -> None:
+    """Overwrites every parameter of a torch module with random, never-zero values (in place).
+
+    Norm scales are drawn around 1 so activations keep their size; everything else around 0.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            if "norm" in name and name.endswith("weight") and p.ndim == 1:
+                r = r + 1.0
+            p.copy_(r.to(p.dtype))
+
+
+def torch_state_dict_numpy(module) -> dict[str, np.ndarray]:
+    """A torch module's state dict as numpy arrays (fp32 stays fp32)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def assert_close_rel(ours, ref, rtol: float = 1e-5, what: str = "") -> float:
+    """max|ours - ref| <= rtol * max|ref|; returns the achieved ratio."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    scale = np.abs(ref).max()
+    assert scale > 0, f"{what}: reference is all zeros"
+    err = np.abs(ours - ref).max() / scale
+    assert err <= rtol, f"{what}: max abs diff {err:.3g} x max|ref| > {rtol}"
+    return float(err)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
