@@ -247,57 +247,72 @@ def to_params(
 ) -> dict[str, Any]:
     """Builds a numpy params tree shaped like `abstract` (a tree of ShapeDtypeStructs) from `src`.
 
-    Tensors keep the file's dtype unless `dtype` is given. Every param must be made by exactly one rule.
+    Tensors keep the file's dtype unless `dtype` is given. Every param must be made by rules, and every
+    source tensor used by one.
+    """
+    out: dict[str, Any] = {}
+    for path, value in iter_params(src, rules, abstract, what, dtype, progress):
+        _set(out, path, value)
+    return out
+
+
+def iter_params(
+    src: TensorSource,
+    rules: Sequence[Rule],
+    abstract: Mapping[str, Any],
+    what: str,
+    dtype: Any = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yields (param path, array) one param at a time, reading only the tensors that make it.
+
+    Host memory holds one param plus the source tensors of one rule: a stacked param of L layers is filled
+    layer by layer. Names are checked before anything is read; shapes as each tensor is read.
     """
     check_keys(src, rules, what)
-    out: dict[str, Any] = {}
-    filled: dict[Path, set[int | None]] = {}
+    by_path: dict[Path, list[tuple[Rule, int, Target]]] = {}
     for r in rules:
-        arrays = []
-        for s in r.sources:
-            a = src.read(s)
-            arrays.append(a if dtype is None else a.astype(dtype))
-            if progress is not None:
-                progress(a.nbytes)
-        try:
-            outs = r.forward(*arrays)
-        except ValueError:
-            outs = None
         for i, t in enumerate(r.targets):
-            try:
-                want = _get(abstract, t.path)
-            except (KeyError, TypeError):
-                raise CheckpointError(
-                    f"{what}: table names param {'/'.join(t.path)} the model lacks"
-                ) from None
-            shape = tuple(want.shape) if t.layer is None else tuple(want.shape[1:])
-            if outs is None or tuple(outs[i].shape) != shape:
-                got = ", ".join(f"{s} {tuple(a.shape)}" for s, a in zip(r.sources, arrays))
-                expect = _expected_source_shapes(r, abstract)
-                raise CheckpointError(
-                    f"{what}: shape mismatch for {got}; the model expects {expect} "
-                    f"(param {'/'.join(t.path)} {shape})"
-                )
-            value = outs[i]
-            if t.layer is None:
-                _set(out, t.path, value)
-            else:
-                try:
-                    buf = _get(out, t.path)
-                except KeyError:
-                    buf = np.empty(want.shape, value.dtype)
-                    _set(out, t.path, buf)
-                buf[t.layer] = value
-            filled.setdefault(t.path, set()).add(t.layer)
+            by_path.setdefault(t.path, []).append((r, i, t))
     unmade = []
     for path, leaf in _leaves(abstract):
-        layers = filled.get(path, set())
-        complete = layers == {None} if path not in filled or None in layers else len(layers) == leaf.shape[0]
-        if not complete:
+        layers = {t.layer for _, _, t in by_path.get(path, [])}
+        if not layers or (None not in layers and layers != set(range(leaf.shape[0]))):
             unmade.append("/".join(path))
     if unmade:
         raise CheckpointError(f"{what}: no tensor in {src.description} makes params {_fmt(unmade)}")
-    return out
+    for path in by_path:
+        try:
+            _get(abstract, path)
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{what}: table names param {'/'.join(path)} the model lacks") from None
+    for path, leaf in _leaves(abstract):
+        buf = None
+        for r, i, t in by_path[path]:
+            arrays = [src.read(s) for s in r.sources]
+            if dtype is not None:
+                arrays = [a.astype(dtype) for a in arrays]
+            if progress is not None:
+                progress(sum(a.nbytes for a in arrays) // len(r.targets))
+            shape = tuple(leaf.shape) if t.layer is None else tuple(leaf.shape[1:])
+            try:
+                value = r.forward(*arrays)[i]
+            except ValueError:
+                value = None
+            if value is None or tuple(value.shape) != shape:
+                got = ", ".join(f"{s} {tuple(a.shape)}" for s, a in zip(r.sources, arrays))
+                raise CheckpointError(
+                    f"{what}: shape mismatch for {got}; the model expects {_expected_source_shapes(r, abstract)} "
+                    f"(param {'/'.join(t.path)} {shape})"
+                )
+            if t.layer is None:
+                buf = value
+            else:
+                if buf is None:
+                    buf = np.empty(leaf.shape, value.dtype)
+                buf[t.layer] = value
+            del arrays, value
+        yield path, buf
 
 
 def _leaves(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Any]]:

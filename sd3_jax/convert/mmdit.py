@@ -294,8 +294,11 @@ def config_to_diffusers(cfg: MMDiTConfig) -> dict[str, Any]:
     return {"_class_name": "SD3Transformer2DModel", **out}
 
 
-def abstract_params(cfg: MMDiTConfig) -> dict[str, Any]:
-    """Param shapes and dtypes of MMDiT(cfg), at no memory (jax.eval_shape)."""
+def abstract_params(cfg: MMDiTConfig, boxed: bool = False) -> dict[str, Any]:
+    """Param shapes and dtypes of MMDiT(cfg), at no memory (jax.eval_shape).
+
+    With `boxed`, leaves stay wrapped in `nn.LogicallyPartitioned` (their logical axis names), for sharding.
+    """
     import flax.linen as nn
 
     s = cfg.patch_size
@@ -306,8 +309,8 @@ def abstract_params(cfg: MMDiTConfig) -> dict[str, Any]:
         jax.ShapeDtypeStruct((1, 1, cfg.context_dim), jnp.float32),
         jax.ShapeDtypeStruct((1, cfg.pooled_dim), jnp.float32),
     )
-    tree = jax.eval_shape(lambda *a: nn.meta.unbox(MMDiT(cfg).init(jax.random.key(0), *a)), *args)
-    return tree["params"]
+    tree = jax.eval_shape(lambda *a: MMDiT(cfg).init(jax.random.key(0), *a), *args)["params"]
+    return tree if boxed else nn.meta.unbox(tree)
 
 
 def _diffusers_folder(source: Any) -> tuple[Any, dict[str, Any]]:

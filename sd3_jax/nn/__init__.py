@@ -4,3 +4,8 @@ Einsum axis letters, used the same way in every module:
   B batch, L sequence (query side), S sequence (key side), D model width, N heads, K head width,
   F feed-forward width, H/W spatial height/width, C channels.
 """
+
+from sd3_jax.nn.attention import attention
+from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
+
+__all__ = ["MMDiT", "MMDiTConfig", "attention"]
