@@ -310,7 +310,10 @@ def abstract_params(cfg: MMDiTConfig, boxed: bool = False) -> dict[str, Any]:
         jax.ShapeDtypeStruct((1, cfg.pooled_dim), jnp.float32),
     )
     tree = jax.eval_shape(lambda *a: MMDiT(cfg).init(jax.random.key(0), *a), *args)["params"]
-    return tree if boxed else nn.meta.unbox(tree)
+    if boxed:
+        return tree
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _diffusers_folder(source: Any) -> tuple[Any, dict[str, Any]]:

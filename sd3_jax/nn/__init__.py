@@ -7,5 +7,6 @@ Einsum axis letters, used the same way in every module:
 
 from sd3_jax.nn.attention import attention
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
+from sd3_jax.nn.vae import VAE, VAEConfig, scale_latents, unscale_latents
 
-__all__ = ["MMDiT", "MMDiTConfig", "attention"]
+__all__ = ["MMDiT", "MMDiTConfig", "VAE", "VAEConfig", "attention", "scale_latents", "unscale_latents"]

@@ -61,7 +61,7 @@ class PatchEmbed(nn.Module):
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), ("patch", "patch", "conv_in", "embed")
+                nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")
             ),
             (p, p, c, self.features),
             self.param_dtype,

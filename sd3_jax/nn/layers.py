@@ -17,6 +17,48 @@ Dtype = Any
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+class Dense(nn.Module):
+    """y = x . kernel + bias over the trailing `n_in` axes of x, into `features` axes (a DenseGeneral).
+
+    The kernel is (in axes..., out axes...) and carries the logical axis `names`; written here rather than
+    with `nn.DenseGeneral`, which initialises a flattened kernel and so cannot name its axes under a mesh.
+    """
+
+    features: tuple[int, ...]  # output axes
+    names: tuple[str | None, ...]  # logical names of the kernel's axes, inputs then outputs
+    n_in: int = 1  # how many trailing axes of x are contracted
+    use_bias: bool = True
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in :]
+        shape = (*in_shape, *self.features)
+        n_out = len(self.features)
+        init = (
+            nn.initializers.variance_scaling(
+                1.0,
+                "fan_in",
+                "truncated_normal",
+                in_axis=tuple(range(self.n_in)),
+                out_axis=tuple(range(self.n_in, self.n_in + n_out)),
+            )
+            if self.kernel_init is default_kernel_init
+            else self.kernel_init
+        )
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[self.n_in :])
+            bias = self.param("bias", binit, self.features, self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y + bias if bias is not None else y
+
+
 def dense(
     features: int | Sequence[int],
     names: tuple[str | None, ...],
@@ -28,18 +70,17 @@ def dense(
     name: str | None = None,
     kernel_init=default_kernel_init,
 ) -> nn.Module:
-    """A DenseGeneral whose kernel axes are named `names` (input axes then output axes)."""
+    """A `Dense` whose kernel axes are named `names` (input axes then output axes).
+
+    `axis` is -1 or the trailing axes (-2, -1) to contract.
+    """
     feats = (features,) if isinstance(features, int) else tuple(features)
-    return nn.DenseGeneral(
-        features=feats if len(feats) > 1 else feats[0],
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(kernel_init, names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-len(feats) :]),
-        name=name,
-    )
+    n_in = 1 if isinstance(axis, int) else len(tuple(axis))
+    if (isinstance(axis, int) and axis != -1) or (
+        not isinstance(axis, int) and tuple(axis) != tuple(range(-n_in, 0))
+    ):
+        raise ValueError(f"dense contracts trailing axes only, got axis={axis}")
+    return Dense(feats, tuple(names), n_in, use_bias, dtype, param_dtype, kernel_init, name=name)
 
 
 class LayerNorm(nn.Module):

@@ -1,0 +1,149 @@
+"""Typed training configs, Python config files, and `--set key=value` overrides by dotted name."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from typing import Any
+
+from sd3_jax.nn.mmdit import MMDiTConfig
+from sd3_jax.sharding.mesh import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    warmup_steps: int = 0  # linear warmup from 0
+    schedule: str = "constant"  # after warmup: constant or cosine (to 0 at the last step)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW)
+    clip_norm: float = 1.0  # global gradient norm clip; 0 disables
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    kind: str = "synthetic"  # synthetic (random latents/embeddings), prepared (ArrayRecord shards), shapes
+    path: str = ""  # prefix of prepared shards
+    num_examples: int = 256  # synthetic: dataset size
+    latent_size: int = 8  # synthetic: latent side
+    text_len: int = 4  # synthetic: tokens per CLIP stream and T5
+    clip_l_dim: int = 8  # synthetic widths of the text streams (CLIP-L + CLIP-G <= context_dim)
+    clip_g_dim: int = 8
+    t5_len: int = 4
+    val_examples: int = 16  # held-out examples for the validation loss
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "prepared", "shapes"):
+            raise ValueError(f"data.kind must be synthetic, prepared or shapes, got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: MMDiTConfig = dataclasses.field(default_factory=MMDiTConfig.tiny)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    formulation: str = "rectified_flow"  # rectified_flow, ldm_linear, cosine, edm
+    timesteps: str = "logit_normal"  # training density: uniform, logit_normal, mode, cosmap
+    logit_m: float = 0.0  # logit-normal location
+    logit_s: float = 1.0  # logit-normal scale
+    mode_s: float = 1.29  # mode-sampling heavy-tail scale
+    shift: float = 1.0  # resolution-dependent timestep shift alpha applied to training t (1: none)
+    text_dropout: float = 0.464  # per-encoder condition dropout probability
+    batch_size: int = 8  # global batch, over all processes
+    steps: int = 100
+    seed: int = 0
+    ema_decay: float = 0.999  # 0 disables EMA (ema_params track params)
+    compute_dtype: str = "bfloat16"  # activations; master params stay float32
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    log_every: int = 10
+    eval_every: int = 50  # validation loss every N steps (0: never)
+    eval_timesteps: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t for the validation loss
+    init_from: str = ""  # sd3-jax checkpoint directory to fine-tune from ("" trains from scratch)
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: look up by device kind
+
+    def __post_init__(self):
+        if self.formulation not in ("rectified_flow", "ldm_linear", "cosine", "edm"):
+            raise ValueError(f"formulation {self.formulation!r} unknown")
+        if self.timesteps not in ("uniform", "logit_normal", "mode", "cosmap"):
+            raise ValueError(f"timesteps {self.timesteps!r} unknown")
+        if self.batch_size < 1 or self.steps < 0:
+            raise ValueError("batch_size must be >= 1 and steps >= 0")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} unknown")
+
+
+def load_config(path: str) -> Any:
+    """Runs a Python config file and returns its `get_config()`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"sd3_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    return module.get_config()
+
+
+def _parse(value: str, current: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if isinstance(current, bool) or hint is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, tuple) or origin is tuple:
+        items = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(hint)
+        conv = args[0] if args and args[0] in (int, float, str) else (type(current[0]) if current else str)
+        return tuple(conv(v.strip()) for v in items)
+    if value.lower() == "none":
+        return None
+    for t in (int, float):
+        if isinstance(current, t) and not isinstance(current, bool) or hint is t:
+            return t(value)
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Returns `cfg` with each `dotted.name=value` applied; unknown names and bad values raise ValueError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        cfg = _replace(cfg, key.strip().split("."), value.strip(), key)
+    return cfg
+
+
+def _replace(obj: Any, path: list[str], value: str, full: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"--set {full}: {'.'.join(path)} is not a config section")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    name = path[0]
+    if name not in fields:
+        raise ValueError(
+            f"--set {full}: {type(obj).__name__} has no field {name!r} (fields: {', '.join(fields)})"
+        )
+    current = getattr(obj, name)
+    if len(path) > 1:
+        new = _replace(current, path[1:], value, full)
+    else:
+        hints = typing.get_type_hints(type(obj), globalns=vars(types) | globals())
+        try:
+            new = _parse(value, current, hints.get(name))
+        except ValueError as e:
+            raise ValueError(f"--set {full}: {e}") from None
+    return dataclasses.replace(obj, **{name: new})

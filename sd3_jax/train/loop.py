@@ -1,0 +1,214 @@
+"""The training loop: sharded state, grain data, Orbax checkpoints with resume, metrics and validation."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sd3_jax.flops import mmdit_forward_flops, peak_flops
+from sd3_jax.sharding.mesh import activation_rules, make_mesh
+from sd3_jax.train import data as train_data
+from sd3_jax.train.config import TrainConfig
+from sd3_jax.train.state import TrainState, create_state, make_optimizer, state_shardings
+from sd3_jax.train.step import eval_loss, train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when launched as one of several processes (env vars set)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES", "1") != "1":
+        if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+
+
+@contextlib.contextmanager
+def mesh_context(mesh):
+    import flax.linen as nn
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(mesh)):
+        yield
+
+
+def _batch_sharding(mesh, x: np.ndarray) -> NamedSharding:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    spec = PartitionSpec(("data", "fsdp")) if (x.shape[0] * jax.process_count()) % n == 0 else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+
+def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's slice of the batch, assembled into global arrays sharded over data and fsdp."""
+    return {k: jax.make_array_from_process_local_data(_batch_sharding(mesh, v), v) for k, v in local.items()}
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.active = jax.process_index() == 0
+        if self.active and os.path.exists(self.path):
+            # Steps after the checkpoint we resume from are run again: drop their old lines.
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _load_init_params(cfg: TrainConfig) -> Any:
+    from sd3_jax.convert.orbax_io import read_manifest, restore_params
+    from sd3_jax.convert.mmdit import abstract_params
+
+    manifest = read_manifest(cfg.init_from)
+    if "transformer" not in manifest["components"]:
+        raise ValueError(f"{cfg.init_from}: checkpoint has no transformer to fine-tune")
+    return restore_params(os.path.join(cfg.init_from, "transformer"), abstract_params(cfg.model), jnp.float32)
+
+
+def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
+    """Trains for cfg.steps steps in `workdir`, resuming from its latest complete checkpoint."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    shardings = state_shardings(cfg, tx, mesh)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints,
+        enable_async_checkpointing=cfg.async_checkpoints,
+        cleanup_tmp_directories=True,
+    )
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    init_key, step_rng = jax.random.split(jax.random.key(cfg.seed))
+    it = train_data.make_iterator(train_data.make_source(cfg), cfg.batch_size, cfg.seed, cfg.data.shuffle)
+    val = (
+        train_data.fixed_batches(train_data.make_source(cfg, "val"), cfg.batch_size) if cfg.eval_every else []
+    )
+
+    start = mngr.latest_step()
+    with mesh_context(mesh):
+        if start is not None:
+            abstract = jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                jax.eval_shape(lambda: create_state(cfg, tx, mesh, init_key)),
+                shardings,
+            )
+            restored = mngr.restore(
+                start,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                ),
+            )
+            state = restored.state
+            it.set_state(restored.data["iterator"])
+        else:
+            start = 0
+            params = _load_init_params(cfg) if cfg.init_from else None
+            state = create_state(cfg, tx, mesh, init_key, params)
+        metrics_out = MetricsWriter(workdir, start)
+        step_fn = jax.jit(
+            functools.partial(train_step, cfg, tx), out_shardings=(shardings, None), donate_argnums=0
+        )
+        eval_fn = jax.jit(functools.partial(eval_loss, cfg))
+        ts = jnp.asarray(cfg.eval_timesteps, jnp.float32)
+
+        lat = cfg.data.latent_size
+        text_len = 2 * cfg.data.text_len if cfg.data.kind == "synthetic" else 77 + 256
+        flops = 3 * mmdit_forward_flops(cfg.model, lat, lat, text_len, cfg.batch_size)
+        peak = cfg.peak_flops or peak_flops(jax.devices()[0].device_kind)
+        bar = None
+        if progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+        def check(step, loss):
+            value = float(loss)
+            if not math.isfinite(value):
+                mngr.wait_until_finished()
+                good = mngr.latest_step()
+                raise TrainingDiverged(
+                    f"loss is {value} at step {step}; stopped. Last good checkpoint: step {good} in "
+                    f"{os.path.join(workdir, 'checkpoints')} (kept)"
+                )
+            return value
+
+        pending = None  # (step, loss array) fetched one step late, so the host never stalls the device
+        t_last, s_last = time.perf_counter(), start
+        for step in range(start + 1, cfg.steps + 1):
+            batch = global_batch(mesh, next(it))
+            state, m = step_fn(state, batch, step_rng)
+            if pending is not None:
+                metrics_out.write({"step": pending[0], "loss": check(*pending)})
+            pending = (step, m["loss"])
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = check(step, m["loss"])
+                now = time.perf_counter()
+                sps = (step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                rec = {
+                    "step": step,
+                    "grad_norm": float(m["grad_norm"]),
+                    "steps_per_s": sps,
+                    "images_per_s": sps * cfg.batch_size,
+                }
+                if peak:
+                    rec["mfu"] = flops * sps / (peak * jax.device_count())
+                metrics_out.write({"kind": "log", **rec})
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}",
+                        img_s=f"{rec['images_per_s']:.1f}",
+                        **({"mfu": f"{rec['mfu']:.2%}"} if peak else {}),
+                    )
+            if cfg.eval_every and val and (step % cfg.eval_every == 0 or step == cfg.steps):
+                vals = [
+                    float(eval_fn(state.ema_params, global_batch(mesh, b), ts, jax.random.key(1)))
+                    for b in val
+                ]
+                metrics_out.write({"kind": "eval", "step": step, "val_loss": float(np.mean(vals))})
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                metrics_out.write({"step": step, "loss": check(step, m["loss"])})
+                pending = None
+                mngr.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=ocp.args.JsonSave({"iterator": train_data.iterator_state(it), "seed": cfg.seed}),
+                    ),
+                )
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            metrics_out.write({"step": pending[0], "loss": check(*pending)})
+        mngr.wait_until_finished()
+        if bar is not None:
+            bar.close()
+    return state

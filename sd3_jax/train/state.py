@@ -1,0 +1,111 @@
+"""TrainState, the optimizer, and creating or restoring state directly sharded on a mesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sd3_jax.convert.mmdit import abstract_params
+from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
+from sd3_jax.sharding.mesh import tree_shardings
+from sd3_jax.train.config import OptimConfig, TrainConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then constant or cosine decay to 0 at `total_steps`."""
+    warm = max(cfg.warmup_steps, 0)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(total_steps, warm + 1), 0.0)
+    if warm == 0:
+        return optax.constant_schedule(cfg.lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, warm), optax.constant_schedule(cfg.lr)], [warm]
+    )
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, mask: Any = None) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; `mask` (a bool tree like params) limits training to some params."""
+    chain = []
+    if cfg.clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    chain.append(
+        optax.adamw(learning_rate(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+    )
+    tx = optax.chain(*chain)
+    if mask is not None:
+        tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)
+    return tx
+
+
+def init_params(model_cfg: MMDiTConfig, key: jax.Array) -> Any:
+    """Fresh fp32 MMDiT params (unboxed)."""
+    s = model_cfg.patch_size
+    x = jnp.zeros((1, s, s, model_cfg.in_channels))
+    args = (
+        x,
+        jnp.zeros((1,)),
+        jnp.zeros((1, 1, model_cfg.context_dim)),
+        jnp.zeros((1, model_cfg.pooled_dim)),
+    )
+    return nn.meta.unbox(MMDiT(model_cfg).init(key, *args)["params"])
+
+
+def state_shardings(
+    cfg: TrainConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """NamedShardings of every TrainState leaf: params by their logical names, optimizer moments likewise."""
+    boxed = abstract_params(cfg.model, boxed=True)
+    p_sh = tree_shardings(boxed, mesh)
+    abstract = abstract_params(cfg.model)
+    opt_abstract = jax.eval_shape(tx.init, abstract)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Optimizer moments mirror params: give each the sharding of the param with its path suffix and shape.
+    flat_p = {
+        tuple(str(k) for k in path): (leaf, sh)
+        for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(p_sh))
+    }
+
+    def opt_sharding(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for n in range(len(keys)):
+            hit = flat_p.get(keys[n:])
+            if hit is not None and hit[0].shape == leaf.shape:
+                return hit[1]
+        return replicated
+
+    o_sh = jax.tree_util.tree_map_with_path(opt_sharding, opt_abstract)
+    return TrainState(step=replicated, params=p_sh, opt_state=o_sh, ema_params=p_sh)
+
+
+def create_state(
+    cfg: TrainConfig,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    key: jax.Array,
+    params: Any = None,
+) -> TrainState:
+    """A fresh TrainState created directly sharded (jit with out_shardings); `params` to fine-tune from."""
+    shardings = state_shardings(cfg, tx, mesh)
+
+    def make(key, params):
+        p = (
+            init_params(cfg.model, key)
+            if params is None
+            else jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        )
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), ema_params=p)
+
+    return jax.jit(make, out_shardings=shardings)(key, params)

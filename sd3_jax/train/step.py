@@ -1,0 +1,111 @@
+"""The pure train step `(state, batch, rng) -> (state, metrics)` and the validation loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sd3_jax.flow import conditioning, losses, schedules
+from sd3_jax.nn.mmdit import MMDiT
+from sd3_jax.train.config import TrainConfig
+from sd3_jax.train.state import TrainState
+
+FORMULATIONS = {
+    "rectified_flow": losses.RectifiedFlow,
+    "ldm_linear": losses.LDMLinear,
+    "cosine": losses.Cosine,
+    "edm": losses.EDM,
+}
+
+
+def formulation(cfg: TrainConfig) -> Any:
+    return FORMULATIONS[cfg.formulation]()
+
+
+def sample_t(cfg: TrainConfig, key: jax.Array, n: int) -> jax.Array:
+    """Training timesteps from the configured density, then the resolution shift (sec. 5.3.2)."""
+    if cfg.timesteps == "uniform":
+        t = schedules.uniform(key, n)
+    elif cfg.timesteps == "logit_normal":
+        t = schedules.logit_normal(key, n, cfg.logit_m, cfg.logit_s)
+    elif cfg.timesteps == "mode":
+        t = schedules.mode(key, n, cfg.mode_s)
+    else:
+        t = schedules.cosmap(key, n)
+    return schedules.shift_sigmas(t, cfg.shift) if cfg.shift != 1.0 else t
+
+
+def text_condition(
+    batch: dict[str, jax.Array], key: jax.Array | None, p: float
+) -> tuple[jax.Array, jax.Array]:
+    """Context and pooled vectors from per-encoder pieces, with per-encoder dropout when `key` is given."""
+    pieces = [batch[k] for k in ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")]
+    if key is None or p == 0.0:
+        return conditioning.join_context(*pieces[:3]), conditioning.join_pooled(*pieces[3:])
+    context, pooled, _ = conditioning.drop_and_join(key, *pieces, p=p)
+    return context, pooled
+
+
+def batch_loss(
+    cfg: TrainConfig,
+    params: Any,
+    batch: dict[str, jax.Array],
+    t: jax.Array,
+    noise: jax.Array,
+    drop_key: jax.Array | None,
+    lora: Any = None,
+) -> jax.Array:
+    """Per-example loss of the configured formulation (eq. of each in `sd3_jax.flow.losses`)."""
+    form = formulation(cfg)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    model = MMDiT(cfg.model.replace(dtype=dtype))
+    x0 = batch["latents"].astype(jnp.float32)
+    context, pooled = text_condition(batch, drop_key, cfg.text_dropout)
+    z = form.noise(x0, noise, t)
+    net_x, net_t = form.net_input(z, t)
+    p = jax.tree.map(lambda a: a.astype(dtype), params)
+    out = model.apply({"params": p}, net_x.astype(dtype), net_t, context.astype(dtype), pooled.astype(dtype))
+    return form.loss(out.astype(jnp.float32), x0, noise, t)
+
+
+def train_step(
+    cfg: TrainConfig,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; the step's key is fold_in(rng, step) (big_vision `update_fn`)."""
+    key = jax.random.fold_in(rng, state.step)
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    b = batch["latents"].shape[0]
+    t = sample_t(cfg, k_t, b)
+    noise = jax.random.normal(k_noise, batch["latents"].shape, jnp.float32)
+    noise = nn.with_logical_constraint(noise, ("batch", None, None, None))
+
+    def loss_fn(params):
+        return jnp.mean(batch_loss(cfg, params, batch, t, noise, k_drop))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = cfg.ema_decay
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params) if d > 0 else params
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+
+def eval_loss(
+    cfg: TrainConfig, params: Any, batch: dict[str, jax.Array], ts: jax.Array, key: jax.Array
+) -> jax.Array:
+    """Validation loss: the mean over fixed timesteps `ts` with fixed noise, no text dropout (sec. 5.1)."""
+    b = batch["latents"].shape[0]
+    total = 0.0
+    for i in range(ts.shape[0]):
+        noise = jax.random.normal(jax.random.fold_in(key, i), batch["latents"].shape, jnp.float32)
+        total = total + jnp.mean(batch_loss(cfg, params, batch, jnp.full((b,), ts[i]), noise, None))
+    return total / ts.shape[0]
