@@ -162,7 +162,7 @@ def write_safetensors(
                     raise ValueError(f"tensor {name!r} out of the header's order")
                 count += 1
                 shape, dtype = shapes[name]
-                a = np.ascontiguousarray(np.asarray(array))
+                a = np.asarray(array)  # tobytes() writes C order; keeps 0-d arrays 0-d
                 if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
                     raise ValueError(f"tensor {name!r}: got {a.shape} {a.dtype}, header says {shape} {dtype}")
                 f.write(a.tobytes())

@@ -6,7 +6,23 @@ Einsum axis letters, used the same way in every module:
 """
 
 from sd3_jax.nn.attention import attention
+from sd3_jax.nn.clip import CLIPConfig, CLIPOutput, CLIPTextEncoder
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
+from sd3_jax.nn.t5 import T5Config, T5Encoder, T5Output
 from sd3_jax.nn.vae import VAE, VAEConfig, scale_latents, unscale_latents
 
-__all__ = ["MMDiT", "MMDiTConfig", "VAE", "VAEConfig", "attention", "scale_latents", "unscale_latents"]
+__all__ = [
+    "CLIPConfig",
+    "CLIPOutput",
+    "CLIPTextEncoder",
+    "MMDiT",
+    "MMDiTConfig",
+    "T5Config",
+    "T5Encoder",
+    "T5Output",
+    "VAE",
+    "VAEConfig",
+    "attention",
+    "scale_latents",
+    "unscale_latents",
+]

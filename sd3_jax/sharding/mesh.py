@@ -22,6 +22,7 @@ class MeshConfig:
     data: int = 1  # pure data parallelism (params replicated)
     fsdp: int = -1  # data parallelism with params, grads and optimizer state sharded; -1: the rest
     tensor: int = 1  # tensor (model) parallelism over heads and MLP width
+    num_devices: int = 0  # use the first N devices; 0: all devices of all processes
 
     def sizes(self, n_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -42,6 +43,10 @@ class MeshConfig:
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh over all devices (of all processes) with axes (data, fsdp, tensor)."""
     devices = list(devices if devices is not None else jax.devices())
+    if cfg.num_devices:
+        if cfg.num_devices > len(devices):
+            raise ValueError(f"mesh: num_devices={cfg.num_devices} but only {len(devices)} devices")
+        devices = devices[: cfg.num_devices]
     shape = cfg.sizes(len(devices))
     try:
         from jax.experimental import mesh_utils

@@ -30,8 +30,8 @@ class TrainingDiverged(RuntimeError):
 def maybe_initialize_distributed() -> None:
     """`jax.distributed.initialize()` when launched as one of several processes (env vars set)."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES", "1") != "1":
-        if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes go through gloo (the option only affects the CPU backend).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

@@ -1,0 +1,60 @@
+"""`sd3-jax convert|sample|train|prepare|export`: the command line.
+
+Every command reports bad input as one line on stderr (`sd3-jax: error: ...`) and exits 2, leaving no
+half-written output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(a: argparse.Namespace) -> None:
+    from sd3_jax.train.config import apply_overrides, load_config
+    from sd3_jax.train.loop import maybe_initialize_distributed, train
+
+    maybe_initialize_distributed()
+    cfg = apply_overrides(load_config(a.config), a.set)
+    train(cfg, a.workdir, progress=not a.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sd3-jax", description="Stable Diffusion 3 in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or fine-tune an MMDiT from a Python config")
+    t.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
+    t.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl go here; resumes if present")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_train)
+
+    from sd3_jax import cli_commands
+
+    cli_commands.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from sd3_jax.convert.mapping import CheckpointError
+    from sd3_jax.convert.orbax_io import CheckpointFormatError
+    from sd3_jax.train.loop import TrainingDiverged
+
+    try:
+        a.fn(a)
+    except (CheckpointError, CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"sd3-jax: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"sd3-jax: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
