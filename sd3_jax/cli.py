@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or fine-tune an MMDiT from a Python config")
     t.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
-    t.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl go here; resumes if present")
+    t.add_argument(
+        "--workdir", required=True, help="checkpoints and metrics.jsonl go here; resumes if present"
+    )
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)

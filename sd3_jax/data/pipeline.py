@@ -10,10 +10,14 @@ batch by batch in proportion to their sizes, so every batch holds one shape. Wit
 source is one group, which suits sources whose records all share a shape (the shapes demo, data prepared
 at one resolution, or images passed through a single-bucket `BucketResizeCrop`).
 
-Random transforms draw from a generator grain seeds with (seed, position in the repeated stream), so
-augmentations are a pure function of the seed, the record and the epoch, independent of the number of
+Random transforms draw from a generator grain seeds with (seed, group, position in the repeated stream),
+so augmentations are a pure function of the seed, the record and the epoch, independent of the number of
 processes and workers. Sharding slices the shuffled stream, so in each epoch the processes see disjoint
-records; the stream is cut to a multiple of shard_count so every process gets as many records.
+records, and with no worker processes and no skipped records the union of the processes' k-th batches
+is stream positions [k B P, (k + 1) B P) whatever the process count P. Finite streams are cut to a
+multiple of shard_count so every process gets as many records. Worker processes (`worker_count`) each
+batch their own slice of the stream, so the worker count changes which records share a batch (not their
+augmentations); resume with the worker count that saved the state.
 
 The iterator's state (`get_state`, a JSON-able dict) is the position in each group's stream plus the skip
 counts; a restored iterator yields bitwise the batches the original would have. It is a grain
@@ -27,6 +31,7 @@ import collections
 import json
 import logging
 import math
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -209,12 +214,12 @@ def bucket_groups(
 def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Stacks per-example dicts into a batch: arrays and numbers with np.stack, strings as an object array."""
     keys = list(examples[0])
+    for e in examples:
+        if e.keys() != examples[0].keys():
+            raise ValueError(f"examples disagree on keys: {sorted(keys)} vs {sorted(e)}")
     out = {}
     for k in keys:
-        try:
-            values = [e[k] for e in examples]
-        except KeyError:
-            raise ValueError(f"examples disagree on keys: {sorted(keys)} vs {sorted(set(examples[-1]))}")
+        values = [e[k] for e in examples]
         if isinstance(values[0], str):
             out[k] = np.array(values, dtype=object)
             continue
@@ -378,9 +383,10 @@ def make_loader(
     if groups is None:
         groups = {"all": range(len(source))}
     streams, weights = {}, {}
-    for g, (name, indices) in enumerate(sorted(groups.items())):
+    for name, indices in sorted(groups.items()):
         if not len(indices):
             continue
+        g = zlib.crc32(name.encode())  # seeds of a group do not move when other groups come or go
         ds = grain.MapDataset.source(_Subset(source, indices))
         if shuffle:
             ds = ds.shuffle(seed=_derive_seed(seed, g, 0))
@@ -395,7 +401,9 @@ def make_loader(
         ds = ds[shard_index::shard_count]
         if not len(ds):
             raise ValueError(f"group {name!r} has no record for shard {shard_index} of {shard_count}")
-        it_ds = ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(8, 2 * batch_size)))
+        it_ds = ds.to_iter_dataset(
+            read_options or grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(8, 2 * batch_size))
+        )
         streams[name] = _BatchDataset(it_ds, batch_size, drop_remainder, epoch=len(indices))
         weights[name] = len(indices)
     if not streams:
@@ -415,7 +423,9 @@ def iterator_state_to_json(it: grain.DatasetIterator) -> str:
     return json.dumps(it.get_state(), sort_keys=True)
 
 
-def restore_iterator(it: grain.DatasetIterator, state: str | bytes | Mapping[str, Any]) -> grain.DatasetIterator:
+def restore_iterator(
+    it: grain.DatasetIterator, state: str | bytes | Mapping[str, Any]
+) -> grain.DatasetIterator:
     """Sets a freshly made iterator (same source and arguments) to a saved state; returns it."""
     if isinstance(state, (str, bytes)):
         state = json.loads(state)

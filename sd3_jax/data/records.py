@@ -84,7 +84,9 @@ def index_path(path_prefix: str | os.PathLike) -> Path:
 
 def shard_paths(path_prefix: str | os.PathLike, num_shards: int) -> list[Path]:
     """`{prefix}-00000-of-0000N.array_record`, ..."""
-    return [Path(f"{os.fspath(path_prefix)}-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
+    return [
+        Path(f"{os.fspath(path_prefix)}-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)
+    ]
 
 
 def _signature(example: Mapping[str, np.ndarray]) -> str:
@@ -195,7 +197,9 @@ class PreparedSource:
         paths = [os.fspath(self.prefix.parent / name) for name in self.index["shards"]]
         self._records = grain.sources.ArrayRecordDataSource(paths)
         if len(self._records) != self.index["count"]:
-            raise ValueError(f"{self.prefix}: shards hold {len(self._records)} records, index says {len(self)}")
+            raise ValueError(
+                f"{self.prefix}: shards hold {len(self._records)} records, index says {len(self)}"
+            )
 
     def __len__(self) -> int:
         return int(self.index["count"])
@@ -216,7 +220,9 @@ class PreparedSource:
         return self.index.get("metadata", {})
 
     def __repr__(self) -> str:
-        return f"PreparedSource({os.fspath(self.prefix)!r}, {len(self)} records, shapes={self.index['shapes']})"
+        return (
+            f"PreparedSource({os.fspath(self.prefix)!r}, {len(self)} records, shapes={self.index['shapes']})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,12 +293,18 @@ def prepare(
             if len(buffers[shape]) == batch_size:
                 yield from encode(buffers.pop(shape))
             if (i + 1) % (100 * batch_size) == 0:
-                log.info("prepare: %d / %d records read, %d skipped", i + 1, len(source), sum(reasons.values()))
+                log.info(
+                    "prepare: %d / %d records read, %d skipped", i + 1, len(source), sum(reasons.values())
+                )
         for shape in sorted(buffers):
             yield from encode(buffers[shape])
         meta["prepare"] = {"skipped": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
 
     index = write_records(out_prefix, examples(), num_shards, metadata=meta)
-    stats = {"written": index["count"], "skipped": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
+    stats = {
+        "written": index["count"],
+        "skipped": sum(reasons.values()),
+        "reasons": dict(sorted(reasons.items())),
+    }
     log.info("prepare: %s", stats)
     return stats

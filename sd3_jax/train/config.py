@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import types
+import sys
 import typing
 from typing import Any
 
@@ -141,7 +141,10 @@ def _replace(obj: Any, path: list[str], value: str, full: str) -> Any:
     if len(path) > 1:
         new = _replace(current, path[1:], value, full)
     else:
-        hints = typing.get_type_hints(type(obj), globalns=vars(types) | globals())
+        try:
+            hints = typing.get_type_hints(type(obj), globalns=vars(sys.modules[type(obj).__module__]))
+        except NameError:
+            hints = {}
         try:
             new = _parse(value, current, hints.get(name))
         except ValueError as e:

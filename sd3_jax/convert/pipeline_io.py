@@ -1,0 +1,274 @@
+"""`sd3-jax convert` and `sd3-jax export`: PyTorch SD3 checkpoints to an sd3-jax Orbax checkpoint and back.
+
+Inputs: a diffusers pipeline folder; Stability's single files (with the separate clip_l / clip_g / t5xxl
+files beside them); or one component's file alone. Conversion streams one param at a time into Orbax and
+is atomic (see `orbax_io`). Export writes a diffusers folder or one Stability single file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from sd3_jax.convert import components as comp
+from sd3_jax.convert import mmdit as mmdit_convert
+from sd3_jax.convert import text_encoders as te
+from sd3_jax.convert import vae as vae_convert
+from sd3_jax.convert.mapping import CheckpointError, iter_params, source_shapes, to_source
+from sd3_jax.convert.orbax_io import (
+    atomic_directory,
+    config_to_json,
+    read_manifest,
+    restore_params,
+    save_params_streaming,
+    write_manifest,
+)
+from sd3_jax.convert.safetensors_io import write_safetensors
+
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+DEFAULT_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+    "use_dynamic_shifting": False,
+}  # fmt: skip
+TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _dtype(name: str | None) -> np.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _plans(sources: Sequence[str]) -> tuple[list[comp.Plan], str | None, dict[str, Any]]:
+    """Plans for all sources; the diffusers folder (for tokenizers) and scheduler config if any."""
+    plans: list[comp.Plan] = []
+    folder, scheduler = None, dict(DEFAULT_SCHEDULER)
+    for s in sources:
+        if not os.path.exists(s):
+            raise FileNotFoundError(f"{s}: no such file or folder")
+        if os.path.isdir(s) and os.path.exists(os.path.join(s, "model_index.json")):
+            plans += comp.plans_from_diffusers(s)
+            folder = s
+            sched = os.path.join(s, "scheduler", "scheduler_config.json")
+            if os.path.exists(sched):
+                with open(sched) as f:
+                    scheduler = json.load(f)
+        elif os.path.isdir(s) and all(os.path.isdir(os.path.join(s, t)) for t in TOKENIZERS[:2]):
+            folder = s  # a folder of tokenizers only
+        elif os.path.isdir(s):
+            raise CheckpointError(f"{s}: a folder without model_index.json is not a diffusers pipeline")
+        else:
+            plans += comp.plans_from_file(s)
+    seen: dict[str, str] = {}
+    for p in plans:
+        if p.component in seen:
+            raise CheckpointError(
+                f"two sources hold the {p.component}: {seen[p.component]} and {p.src.description}"
+            )
+        seen[p.component] = p.src.description
+    if not plans:
+        raise CheckpointError(f"no model weights found in {', '.join(sources)}")
+    return plans, folder, scheduler
+
+
+def convert(
+    sources: Sequence[str],
+    out: str,
+    dtype: str | None = "bf16",
+    tokenizers: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Converts `sources` into an sd3-jax checkpoint at `out`; returns the summary it prints."""
+    t0 = time.perf_counter()
+    np_dtype = _dtype(dtype)
+    plans, folder, scheduler = _plans(sources)
+    tok_dir = tokenizers or folder
+    components = {p.component for p in plans}
+    if components & set(TEXT):
+        missing = [
+            t
+            for t in TOKENIZERS[: 3 if "text_encoder_3" in components else 2]
+            if not (tok_dir and os.path.isdir(os.path.join(tok_dir, t)))
+        ]
+        if missing:
+            raise CheckpointError(
+                f"text encoders need their tokenizers: pass --tokenizers DIR, a diffusers folder holding "
+                f"{', '.join(m + '/' for m in missing)} (e.g. the stable-diffusion-3-medium-diffusers folder)"
+            )
+    total = sum(_nbytes(p) for p in plans)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", dynamic_ncols=True)
+    summary: dict[str, Any] = {"components": {}, "dtype": dtype or "as stored"}
+    with atomic_directory(out) as tmp:
+        for p in plans:
+            count = save_params_streaming(
+                os.path.join(tmp, p.component),
+                iter_params(p.src, p.rules, p.abstract, p.what, np_dtype, bar.update if bar else None),
+            )
+            summary["components"][p.component] = {
+                "kind": p.kind,
+                "config": config_to_json(p.config),
+                "params": count,
+                "dtype": dtype or str(p.src.dtype(p.rules[0].sources[0])),
+            }
+        if tok_dir:
+            for t in TOKENIZERS:
+                if os.path.isdir(os.path.join(tok_dir, t)):
+                    shutil.copytree(os.path.join(tok_dir, t), os.path.join(tmp, t))
+        summary["scheduler"] = scheduler
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        write_manifest(tmp, summary)
+    if bar is not None:
+        bar.close()
+    return summary
+
+
+def _nbytes(p: comp.Plan) -> int:
+    n = 0
+    for r in p.rules:
+        if r.targets:
+            for s in r.sources:
+                n += int(np.prod(p.src.shape(s))) * p.src.dtype(s).itemsize
+    return n
+
+
+def print_summary(summary: dict[str, Any], out: str) -> None:
+    print(f"wrote {out} ({summary['dtype']}, {summary['seconds']} s)")
+    for name, c in summary["components"].items():
+        print(f"  {name:15s} {c['kind']:6s} {c['params']:>15,d} params")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export.
+
+
+def load_component(ckpt: str, component: str, dtype: Any = None, shardings: Any = None) -> tuple[Any, Any]:
+    """(config, params) of one component of an sd3-jax checkpoint, params restored as device arrays."""
+    manifest = read_manifest(ckpt)
+    entry = manifest["components"].get(component)
+    if entry is None:
+        have = ", ".join(manifest["components"]) or "nothing"
+        raise CheckpointError(f"{ckpt}: checkpoint has no {component} (it holds {have})")
+    cfg = comp.read_config(entry["kind"], entry["config"])
+    abstract = comp.ABSTRACT[entry["kind"]](cfg)
+    return cfg, restore_params(os.path.join(ckpt, component), abstract, dtype, shardings)
+
+
+def _rules_for_export(component: str, cfg: Any, layout: str) -> tuple[list, str]:
+    kind = comp.KIND_OF[component]
+    if kind == "mmdit":
+        rules = mmdit_convert.diffusers_rules(cfg) if layout == "diffusers" else mmdit_convert.sai_rules(cfg)
+    elif kind == "vae":
+        rules = vae_convert.diffusers_rules(cfg) if layout == "diffusers" else vae_convert.sai_rules(cfg)
+    elif kind == "clip":
+        rules = te.clip_rules(cfg, "text_model.")
+    else:
+        rules = te.t5_rules(cfg)
+    prefix = "" if layout == "diffusers" else comp.SAI_PREFIXES[component]
+    return [r for r in rules if r.targets], prefix
+
+
+def _stream(params, rules, abstract, prefix: str):
+    shapes = source_shapes(rules, abstract)
+    dtypes = {}
+    for r in rules:
+        for s in r.sources:
+            t = r.targets[0]
+            leaf = params
+            for k in t.path:
+                leaf = leaf[k]
+            dtypes[s] = np.dtype(leaf.dtype)
+    header = {prefix + k: (shapes[k], dtypes[k]) for r in rules for k in r.sources}
+    items = ((prefix + k, v) for k, v in to_source(params, rules))
+    return header, items
+
+
+def export(ckpt: str, fmt: str, out: str) -> list[str]:
+    """Writes an sd3-jax checkpoint to a diffusers folder (`fmt="diffusers"`) or one Stability file ("sai")."""
+    import jax
+
+    if fmt not in ("diffusers", "sai"):
+        raise ValueError(f"--format must be diffusers or sai, got {fmt!r}")
+    manifest = read_manifest(ckpt)
+    written = []
+    if fmt == "sai":
+        if os.path.exists(out):
+            raise FileExistsError(f"{out} already exists")
+        header, gens = {}, []
+        for component, entry in manifest["components"].items():
+            cfg, params = load_component(ckpt, component)
+            params = jax.device_get(params)
+            rules, prefix = _rules_for_export(component, cfg, "sai")
+            h, items = _stream(params, rules, comp.ABSTRACT[entry["kind"]](cfg), prefix)
+            header.update(h)
+            gens.append(items)
+        write_safetensors(out, (kv for g in gens for kv in g), metadata={"format": "pt"}, shapes=header)
+        return [out]
+    with atomic_directory(out) as tmp:
+        index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0"}
+        classes = {
+            "mmdit": ("diffusers", "SD3Transformer2DModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "clip": ("transformers", "CLIPTextModelWithProjection"),
+            "t5": ("transformers", "T5EncoderModel"),
+        }
+        for component, entry in manifest["components"].items():
+            kind = entry["kind"]
+            cfg, params = load_component(ckpt, component)
+            params = jax.device_get(params)
+            rules, prefix = _rules_for_export(component, cfg, "diffusers")
+            header, items = _stream(params, rules, comp.ABSTRACT[kind](cfg), prefix)
+            os.makedirs(os.path.join(tmp, component))
+            fname = "diffusion_pytorch_model.safetensors" if kind in ("mmdit", "vae") else "model.safetensors"
+            write_safetensors(
+                os.path.join(tmp, component, fname), items, metadata={"format": "pt"}, shapes=header
+            )
+            config = {
+                "mmdit": mmdit_convert.config_to_diffusers,
+                "vae": vae_convert.config_to_diffusers,
+                "clip": te.hf_clip_config,
+                "t5": te.hf_t5_config,
+            }[kind](cfg)
+            with open(os.path.join(tmp, component, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            index[component] = list(classes[kind])
+            written.append(component)
+        for t in TOKENIZERS:
+            if os.path.isdir(os.path.join(ckpt, t)):
+                shutil.copytree(os.path.join(ckpt, t), os.path.join(tmp, t))
+                fast = os.path.exists(os.path.join(ckpt, t, "tokenizer.json")) and t == "tokenizer_3"
+                index[t] = [
+                    "transformers",
+                    "T5TokenizerFast" if fast or t == "tokenizer_3" else "CLIPTokenizer",
+                ]
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(manifest.get("scheduler", DEFAULT_SCHEDULER), f, indent=1)
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        for name in (
+            "text_encoder",
+            "text_encoder_2",
+            "text_encoder_3",
+            "tokenizer",
+            "tokenizer_2",
+            "tokenizer_3",
+        ):
+            index.setdefault(name, [None, None])
+        index.setdefault("image_encoder", [None, None])
+        index.setdefault("feature_extractor", [None, None])
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+    return written
