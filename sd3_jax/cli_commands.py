@@ -1,9 +1,152 @@
-"""Subcommands of the CLI other than train: convert, sample, prepare, export."""
+"""Subcommands of the CLI other than train: convert, export, sample, prepare."""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default for the CLI (SD3_JAX_CACHE to move, "" to disable)."""
+    import jax
+
+    path = os.environ.get("SD3_JAX_CACHE", os.path.expanduser("~/.cache/sd3_jax/jax"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _convert(a: argparse.Namespace) -> None:
+    from sd3_jax.convert.pipeline_io import convert, print_summary
+
+    summary = convert(a.sources, a.out, a.dtype, a.tokenizers, progress=not a.no_progress)
+    print_summary(summary, a.out)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from sd3_jax.convert.pipeline_io import export
+
+    written = export(a.checkpoint, a.format, a.out)
+    print(f"wrote {a.out} ({a.format}: {', '.join(written)})")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size takes WxH, e.g. 1024x1024, got {text!r}") from None
+    return w, h
+
+
+def _sample(a: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+    from PIL import Image, PngImagePlugin
+
+    from sd3_jax.pipeline import SD3Pipeline
+
+    enable_compilation_cache()
+    width, height = parse_size(a.size)
+    if not a.out.lower().endswith(".png"):
+        raise ValueError(f"--out must be a .png file, got {a.out}")
+    dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, None: None}[a.dtype]
+    pipe = SD3Pipeline.load(a.checkpoint, dtype=dtype, use_t5=not a.no_t5)
+    images = pipe.generate(
+        a.prompt,
+        a.negative_prompt,
+        height=height,
+        width=width,
+        steps=a.steps,
+        guidance_scale=a.cfg,
+        shift=a.shift,
+        seed=a.seed,
+        sampler=a.sampler,
+        num_images_per_prompt=a.num_images,
+        skip_guidance_layers=a.skip_layers or None,
+        progress=not a.no_progress,
+    )
+    base, ext = os.path.splitext(a.out)
+    for i, img in enumerate(images):
+        meta = PngImagePlugin.PngInfo()
+        for k, v in dict(
+            prompt=a.prompt,
+            negative_prompt=a.negative_prompt,
+            seed=a.seed,
+            steps=a.steps,
+            sampler=a.sampler,
+            cfg=a.cfg,
+            model=pipe.name,
+            size=f"{width}x{height}",
+            index=i,
+        ).items():
+            meta.add_text(k, str(v))
+        path = a.out if len(images) == 1 else f"{base}-{i}{ext}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.png"
+        Image.fromarray(img).save(tmp, pnginfo=meta)
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+
+
+def _prepare(a: argparse.Namespace) -> None:
+    from sd3_jax.prepare import prepare_dataset
+
+    stats = prepare_dataset(
+        a.data,
+        a.checkpoint,
+        a.out,
+        size=a.size,
+        batch_size=a.batch_size,
+        num_shards=a.num_shards,
+        max_sequence_length=a.max_sequence_length,
+    )
+    print(
+        f"wrote {a.out}: {stats['written']} examples, {stats['skipped']} skipped {stats.get('reasons', {})}"
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Registers the remaining subcommands (filled in as they land)."""
+    c = sub.add_parser("convert", help="convert PyTorch SD3 checkpoints to an sd3-jax Orbax checkpoint")
+    c.add_argument("sources", nargs="+", help="diffusers folder, Stability single files, component files")
+    c.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    c.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    c.add_argument("--tokenizers", help="diffusers-style folder with tokenizer/, tokenizer_2/, tokenizer_3/")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=_convert)
+
+    e = sub.add_parser("export", help="write an sd3-jax checkpoint back to a PyTorch layout")
+    e.add_argument("checkpoint")
+    e.add_argument("--format", required=True, choices=["diffusers", "sai"])
+    e.add_argument("--out", required=True, help="diffusers: a folder; sai: a .safetensors file")
+    e.set_defaults(fn=_export)
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--steps", type=int, default=28)
+    s.add_argument("--cfg", type=float, default=7.0)
+    s.add_argument("--shift", type=float, default=None, help="SD3 timestep shift (default: the scheduler's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="1024x1024", help="WxH in pixels")
+    s.add_argument("--sampler", default="euler", choices=["euler", "dpmpp_2m"])
+    s.add_argument("--num-images", type=int, default=1)
+    s.add_argument(
+        "--skip-layers", type=int, nargs="*", help="skip-layer guidance layers (SD3.5 Medium: 7 8 9)"
+    )
+    s.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: as stored")
+    s.add_argument("--no-t5", action="store_true", help="sample without T5 (zeros in its place)")
+    s.add_argument("--out", default="sample.png")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=_sample)
+
+    p = sub.add_parser("prepare", help="precompute VAE latents and text embeddings into ArrayRecord shards")
+    p.add_argument(
+        "data", help="image folder with .txt captions, a .jsonl, or 'shapes:N' for synthetic shapes"
+    )
+    p.add_argument("--checkpoint", required=True, help="sd3-jax checkpoint with the VAE and text encoders")
+    p.add_argument("--out", required=True, help="output prefix of the shards")
+    p.add_argument("--size", type=int, default=256, help="image side (centre crop)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--max-sequence-length", type=int, default=256)
+    p.set_defaults(fn=_prepare)

@@ -51,7 +51,9 @@ class LoraConfig:
     rank: int = 16  # r, the inner width of a b
     alpha: float = 16.0  # the update is scaled by alpha / rank (peft's lora_alpha)
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module-path suffixes, e.g. "to_q", "ff_context/fc1"
-    init: str = "kaiming"  # a's init: "kaiming" (peft's default, U(+-1/sqrt(fan_in))) or "gaussian" (N(0, 1/r^2))
+    init: str = (
+        "kaiming"  # a's init: "kaiming" (peft's default, U(+-1/sqrt(fan_in))) or "gaussian" (N(0, 1/r^2))
+    )
 
     def __post_init__(self):
         if self.rank < 1:
@@ -150,7 +152,7 @@ def lora_targets(base_params: Mapping[str, Any], targets: Sequence[str]) -> list
 
 
 def init_lora(key: jax.Array, base_params: Mapping[str, Any], cfg: LoraConfig) -> Lora:
-    """A fresh adapter on the targeted kernels: a random as peft initialises lora_A, b zeros (so W is unchanged).
+    """A fresh adapter on the targeted kernels: a random as peft draws lora_A, b zeros (W is unchanged).
 
     `base_params` may hold arrays or ShapeDtypeStructs (only shapes and dtypes are read).
     """
@@ -158,7 +160,11 @@ def init_lora(key: jax.Array, base_params: Mapping[str, Any], cfg: LoraConfig) -
     for i, path in enumerate(lora_targets(base_params, cfg.targets)):
         kernel = _get(base_params, path)["kernel"]
         n_lead, n_in = layout(path)
-        lead, ins, outs = (kernel.shape[:n_lead], kernel.shape[n_lead : n_lead + n_in], kernel.shape[n_lead + n_in :])
+        lead, ins, outs = (
+            kernel.shape[:n_lead],
+            kernel.shape[n_lead : n_lead + n_in],
+            kernel.shape[n_lead + n_in :],
+        )
         shape_a = (*lead, *ins, cfg.rank)
         k = jax.random.fold_in(key, i)
         if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, fan_in): bound 1 / sqrt(fan_in)
@@ -176,7 +182,9 @@ def _factor_shapes(a_shape, b_shape, kernel_shape, what: str) -> tuple[int, tupl
     lead, ins, outs = tuple(a_shape[:n_lead]), tuple(a_shape[n_lead:-1]), tuple(b_shape[n_lead + 1 :])
     ok = n_lead >= 0 and tuple(b_shape[:n_lead]) == lead and a_shape[-1] == b_shape[n_lead]
     if not ok or (*lead, *ins, *outs) != tuple(kernel_shape):
-        raise ValueError(f"LoRA {what}: a {tuple(a_shape)} and b {tuple(b_shape)} do not fit kernel {tuple(kernel_shape)}")
+        raise ValueError(
+            f"LoRA {what}: a {tuple(a_shape)} and b {tuple(b_shape)} do not fit kernel {tuple(kernel_shape)}"
+        )
     return n_lead, lead, ins, outs
 
 
@@ -216,7 +224,7 @@ def apply_lora(base: Mapping[str, Any], adapters: Sequence[tuple[Lora, Any]]) ->
 
 
 def _delta_np(ab: Mapping[str, Any], kernel: np.ndarray, multiplier: float, what: str) -> np.ndarray:
-    """multiplier * a b in float64, cast to the kernel's dtype: the same bits every time for the same inputs."""
+    """multiplier * a b in float64, cast to the kernel's dtype: the same bits for the same inputs."""
     a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
     _, lead, ins, outs = _factor_shapes(a.shape, b.shape, kernel.shape, what)
     r = a.shape[-1]
@@ -296,7 +304,11 @@ def lora_logical_names(lora: Lora, boxed_base: Mapping[str, Any]) -> Lora:
         n_in = ab["a"].ndim - 1 - n_lead
         a_names = names[: n_lead + n_in] + (None,)
         b_names = names[:n_lead] + (None,) + names[n_lead + n_in :]
-        _set(params, path, {"a": nn.LogicallyPartitioned(ab["a"], a_names), "b": nn.LogicallyPartitioned(ab["b"], b_names)})
+        _set(
+            params,
+            path,
+            {"a": nn.LogicallyPartitioned(ab["a"], a_names), "b": nn.LogicallyPartitioned(ab["b"], b_names)},
+        )
     return Lora(params=params, scaling=lora.scaling)
 
 
@@ -306,7 +318,9 @@ def lora_state_shardings(cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTrans
     from sd3_jax.sharding.mesh import tree_shardings
     from sd3_jax.train.state import TrainState
 
-    abstract_lora = jax.eval_shape(lambda k: init_lora(k, abstract_params(cfg.model), lora_cfg), jax.random.key(0))
+    abstract_lora = jax.eval_shape(
+        lambda k: init_lora(k, abstract_params(cfg.model), lora_cfg), jax.random.key(0)
+    )
     p_sh = tree_shardings(lora_logical_names(abstract_lora, abstract_params(cfg.model, boxed=True)), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     flat = {
@@ -327,7 +341,12 @@ def lora_state_shardings(cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTrans
 
 
 def create_lora_state(
-    cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTransformation, mesh: Any, key: jax.Array, lora: Lora | None = None
+    cfg: Any,
+    lora_cfg: LoraConfig,
+    tx: optax.GradientTransformation,
+    mesh: Any,
+    key: jax.Array,
+    lora: Lora | None = None,
 ) -> Any:
     """A TrainState whose params are a fresh (or the given) adapter, created directly sharded."""
     from sd3_jax.convert.mmdit import abstract_params

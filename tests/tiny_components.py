@@ -185,6 +185,8 @@ def make_tiny_sd3_components(seed: int = 0, with_t5: bool = True) -> dict:
         sample_size=8,
         shift_factor=0.0609,
         scaling_factor=1.5035,
+        use_quant_conv=False,  # as SD3's VAE
+        use_post_quant_conv=False,
     ).eval()
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scratch.cleanup()

@@ -63,31 +63,53 @@ def _hf_config(folder: str | None) -> dict[str, Any] | None:
     return None
 
 
+# Config fields that tensor shapes cannot tell; sd3-jax's own exports record them in the file's metadata.
+UNSEEN_FIELDS = {
+    "mmdit": ("num_heads", "head_dim", "sample_size"),
+    "vae": ("norm_groups", "norm_eps", "scaling_factor", "shift_factor"),
+    "clip": ("heads", "act", "eps", "eos_token_id"),
+    "t5": ("max_distance", "act", "eps"),
+}
+METADATA_KEY = "sd3_jax.config.{}"
+
+
+def unseen_config(component: str, cfg: Any) -> dict[str, str]:
+    """Safetensors metadata recording the fields of `cfg` that shapes cannot tell."""
+    from sd3_jax.convert.orbax_io import config_to_json
+
+    fields = {k: v for k, v in config_to_json(cfg).items() if k in UNSEEN_FIELDS[KIND_OF[component]]}
+    return {METADATA_KEY.format(component): json.dumps(fields)}
+
+
 def plan_component(component: str, src: TensorSource, folder: str | None = None) -> Plan:
     """The plan for one component whose tensors (without any single-file prefix) are in `src`.
 
-    `folder` is the diffusers subfolder it came from, whose config.json wins over shapes.
+    `folder` is the diffusers subfolder it came from, whose config.json wins over shapes; a file exported by
+    sd3-jax carries the fields shapes cannot tell in its metadata.
     """
     cfg_json = _hf_config(folder)
     kind = KIND_OF[component]
+    recorded = json.loads(src.metadata.get(METADATA_KEY.format(component), "{}"))
     if kind == "mmdit":
         layout, src = mmdit_convert.detect_layout(src)
         fields = mmdit_convert.config_from_diffusers(cfg_json) if cfg_json else {}
-        cfg = mmdit_convert.infer_config(src, layout, **fields)
+        cfg = mmdit_convert.infer_config(src, layout, **{**recorded, **fields})
         rules = mmdit_convert.diffusers_rules(cfg) if layout == "diffusers" else mmdit_convert.sai_rules(cfg)
         what = f"MMDiT {layout} layout"
     elif kind == "vae":
         layout, src = vae_convert.detect_layout(src)
         fields = vae_convert.config_from_diffusers(cfg_json) if cfg_json else {}
-        cfg = vae_convert.infer_config(src, layout, **fields)
+        cfg = vae_convert.infer_config(src, layout, **{**recorded, **fields})
         rules = vae_convert.diffusers_rules(cfg) if layout == "diffusers" else vae_convert.sai_rules(cfg)
         what = f"VAE {layout} layout"
     elif kind == "clip":
         cfg, prefix = te.clip_config_from(src, cfg_json)
+        cfg = dataclasses.replace(cfg, **recorded) if recorded and not cfg_json else cfg
         rules = te.clip_rules(cfg, prefix) + te._ignored(src, "clip")
         what = f"CLIP text encoder ({component})"
     else:
         cfg = te.t5_config_from(src, cfg_json)
+        cfg = dataclasses.replace(cfg, **recorded) if recorded and not cfg_json else cfg
         embed = "shared.weight" if "shared.weight" in src else "encoder.embed_tokens.weight"
         rules = te.t5_rules(cfg, embed=embed) + (te._ignored(src, "t5") if embed == "shared.weight" else [])
         what = "T5 encoder"

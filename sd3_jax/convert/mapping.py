@@ -111,10 +111,17 @@ def swap_halves(a: np.ndarray) -> np.ndarray:
 class TensorSource:
     """Named tensors read one at a time: a dict, one safetensors file, or a sharded set of them."""
 
-    def __init__(self, readers: Mapping[str, Any], prefix: str = "", description: str = "tensors"):
+    def __init__(
+        self,
+        readers: Mapping[str, Any],
+        prefix: str = "",
+        description: str = "tensors",
+        metadata: Mapping[str, str] | None = None,
+    ):
         self._readers = readers  # name (without prefix) -> object with read/shape/dtype for the full name
         self._prefix = prefix
         self.description = description
+        self.metadata = dict(metadata or {})  # the safetensors header's __metadata__, if any
 
     def keys(self) -> list[str]:
         return list(self._readers)
@@ -134,7 +141,7 @@ class TensorSource:
     def with_prefix(self, prefix: str) -> TensorSource:
         """The tensors whose names start with `prefix`, named without it."""
         readers = {k[len(prefix) :]: r for k, r in self._readers.items() if k.startswith(prefix)}
-        return TensorSource(readers, self._prefix + prefix, f"{self.description} [{prefix}]")
+        return TensorSource(readers, self._prefix + prefix, f"{self.description} [{prefix}]", self.metadata)
 
     def prefixes(self, candidates: Sequence[str]) -> list[str]:
         return [p for p in candidates if any(k.startswith(p) for k in self._readers)]
@@ -198,7 +205,7 @@ def open_tensors(source: Any) -> TensorSource:
             f"{path}: pickled checkpoints are not read (they can run code); convert it to .safetensors first"
         )
     f = SafetensorsFile(path)
-    return TensorSource({k: f for k in f.keys()}, description=path)
+    return TensorSource({k: f for k in f.keys()}, description=path, metadata=f.metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------

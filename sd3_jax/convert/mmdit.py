@@ -312,8 +312,11 @@ def abstract_params(cfg: MMDiTConfig, boxed: bool = False) -> dict[str, Any]:
     tree = jax.eval_shape(lambda *a: MMDiT(cfg).init(jax.random.key(0), *a), *args)["params"]
     if boxed:
         return tree
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def _diffusers_folder(source: Any) -> tuple[Any, dict[str, Any]]:

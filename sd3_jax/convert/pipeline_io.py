@@ -207,7 +207,7 @@ def export(ckpt: str, fmt: str, out: str) -> list[str]:
     if fmt == "sai":
         if os.path.exists(out):
             raise FileExistsError(f"{out} already exists")
-        header, gens = {}, []
+        header, gens, meta = {}, [], {"format": "pt"}
         for component, entry in manifest["components"].items():
             cfg, params = load_component(ckpt, component)
             params = jax.device_get(params)
@@ -215,7 +215,8 @@ def export(ckpt: str, fmt: str, out: str) -> list[str]:
             h, items = _stream(params, rules, comp.ABSTRACT[entry["kind"]](cfg), prefix)
             header.update(h)
             gens.append(items)
-        write_safetensors(out, (kv for g in gens for kv in g), metadata={"format": "pt"}, shapes=header)
+            meta.update(comp.unseen_config(component, cfg))
+        write_safetensors(out, (kv for g in gens for kv in g), metadata=meta, shapes=header)
         return [out]
     with atomic_directory(out) as tmp:
         index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0"}

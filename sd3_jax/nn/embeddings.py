@@ -60,9 +60,7 @@ class PatchEmbed(nn.Module):
         h, w = height // p, width // p
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")
-            ),
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
             (p, p, c, self.features),
             self.param_dtype,
         )

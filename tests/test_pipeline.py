@@ -1,0 +1,320 @@
+"""End to end: a tiny diffusers StableDiffusion3Pipeline, converted with `sd3-jax convert`, samples the
+same images as diffusers from the same initial latents; conversion round trips; bad input."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from tiny_components import make_tiny_sd3_pipeline
+
+from sd3_jax.cli import main
+from sd3_jax.pipeline import SD3Pipeline
+
+PROMPT = ["a photo of a cat", "an astronaut riding a horse on the moon"]
+SIZE = 8  # pixels: the tiny VAE has factor 1, the tiny transformer patch 1 and an 8x8 table
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    pipes = {}
+    for with_t5 in (True, False):
+        dif = root / f"diffusers_t5{int(with_t5)}"
+        pipes[with_t5] = make_tiny_sd3_pipeline(dif, seed=0, with_t5=with_t5)
+        assert (
+            main(
+                [
+                    "convert",
+                    str(dif),
+                    "--out",
+                    str(root / f"ckpt_t5{int(with_t5)}"),
+                    "--dtype",
+                    "fp32",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    return root, pipes
+
+
+def noise(n, seed=0, size=SIZE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 4, size, size), generator=g)
+
+
+def ours(root, with_t5, **kw):
+    pipe = SD3Pipeline.load(str(root / f"ckpt_t5{int(with_t5)}"))
+    return pipe, pipe.generate(height=SIZE, width=SIZE, output="float", progress=False, **kw)
+
+
+@pytest.mark.parametrize("with_t5", [True, False], ids=["t5", "no_t5"])
+@pytest.mark.parametrize("steps", [2, 4])
+@pytest.mark.parametrize("guidance", [7.0, 1.0], ids=["cfg", "nocfg"])
+def test_txt2img_matches_diffusers(tiny, with_t5, steps, guidance):
+    root, pipes = tiny
+    lat = noise(2)
+    ref = pipes[with_t5](
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=lat.clone(),
+        height=SIZE,
+        width=SIZE,
+        output_type="np",
+    ).images
+    _, got = ours(
+        root,
+        with_t5,
+        prompt=PROMPT,
+        steps=steps,
+        guidance_scale=guidance,
+        latents=lat.permute(0, 2, 3, 1).numpy(),
+    )
+    assert got.shape == ref.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(got - ref).max() <= 1e-3
+    assert np.abs(ref - ref.mean()).max() > 0.01  # not a flat image
+
+
+def test_skip_layer_guidance_matches_diffusers(tiny):
+    root, pipes = tiny
+    lat = noise(2, seed=3)
+    kw = dict(skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.9)
+    ref = pipes[True](
+        PROMPT,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        latents=lat.clone(),
+        height=SIZE,
+        width=SIZE,
+        output_type="np",
+        skip_guidance_layers=[0],
+        **kw,
+    ).images
+    plain = pipes[True](
+        PROMPT,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        latents=lat.clone(),
+        height=SIZE,
+        width=SIZE,
+        output_type="np",
+    ).images
+    _, got = ours(
+        root,
+        True,
+        prompt=PROMPT,
+        steps=4,
+        guidance_scale=5.0,
+        latents=lat.permute(0, 2, 3, 1).numpy(),
+        skip_guidance_layers=[0],
+        **kw,
+    )
+    assert np.abs(ref - plain).max() > 1e-3  # the guidance changes the image
+    assert np.abs(got - ref).max() <= 1e-3
+
+
+def test_img2img_matches_diffusers(tiny, monkeypatch):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as mod
+
+    root, pipes = tiny
+    # sd3-jax encodes deterministically (the posterior mean); make diffusers do the same.
+    orig = mod.retrieve_latents
+    monkeypatch.setattr(
+        mod,
+        "retrieve_latents",
+        lambda enc, generator=None, sample_mode="sample": orig(enc, generator, sample_mode="argmax"),
+    )
+    img2img = StableDiffusion3Img2ImgPipeline(**pipes[True].components)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    g = torch.Generator().manual_seed(5)
+    ref = img2img(
+        PROMPT,
+        image=torch.from_numpy(image).permute(0, 3, 1, 2) * 2 - 1,
+        strength=0.6,
+        num_inference_steps=5,
+        guidance_scale=4.0,
+        generator=g,
+        output_type="np",
+    ).images
+    eps = torch.randn((2, 4, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
+    _, got = ours(
+        root,
+        True,
+        prompt=PROMPT,
+        steps=5,
+        guidance_scale=4.0,
+        image=image,
+        strength=0.6,
+        latents=eps.permute(0, 2, 3, 1).numpy(),
+    )
+    assert np.abs(got - ref).max() <= 1e-3
+
+
+def test_generate_uint8_batches_and_dpmpp(tiny):
+    root, _ = tiny
+    pipe, img = ours(root, True, prompt="a photo of a cat", steps=3, num_images_per_prompt=3, seed=1)
+    out = pipe.generate(
+        "a photo of a cat", height=SIZE, width=SIZE, steps=3, num_images_per_prompt=3, seed=1, progress=False
+    )
+    assert out.dtype == np.uint8 and out.shape == (3, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(out, (img * 255).round().astype(np.uint8))
+    assert not np.array_equal(out[0], out[1])  # different noise per image
+    d = pipe.generate(
+        "a photo of a cat", height=SIZE, width=SIZE, steps=3, sampler="dpmpp_2m", progress=False
+    )
+    assert d.shape == (1, SIZE, SIZE, 3)
+
+
+def _tensors(folder):
+    from safetensors.numpy import load_file
+
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".safetensors"):
+                rel = os.path.relpath(dirpath, folder)
+                out.update({f"{rel}/{k}": v for k, v in load_file(os.path.join(dirpath, f)).items()})
+    return out
+
+
+def test_convert_export_round_trip_bitwise(tiny, tmp_path):
+    """convert -> export diffusers reproduces every parameter tensor bit for bit (fp32 in, fp32 out);
+    export sai -> convert -> export diffusers likewise."""
+    root, _ = tiny
+    src = _tensors(root / "diffusers_t51")
+    out = tmp_path / "exported"
+    assert main(["export", str(root / "ckpt_t51"), "--format", "diffusers", "--out", str(out)]) == 0
+    back = _tensors(out)
+    params = {k: v for k, v in src.items() if not k.endswith(("position_ids", "encoder.embed_tokens.weight"))}
+    assert sorted(back) == sorted(params)
+    for k, v in params.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+    sai = tmp_path / "sd3_tiny.safetensors"
+    assert main(["export", str(root / "ckpt_t51"), "--format", "sai", "--out", str(sai)]) == 0
+    ck2 = tmp_path / "ckpt2"
+    assert (
+        main(
+            [
+                "convert",
+                str(sai),
+                "--tokenizers",
+                str(root / "diffusers_t51"),
+                "--out",
+                str(ck2),
+                "--dtype",
+                "fp32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out2 = tmp_path / "exported2"
+    assert main(["export", str(ck2), "--format", "diffusers", "--out", str(out2)]) == 0
+    for k, v in _tensors(out2).items():
+        assert np.array_equal(v, back[k]), k
+    # The diffusers export loads in diffusers.
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline.from_pretrained(str(out))
+
+
+def test_bad_input(tiny, tmp_path, capsys):
+    root, _ = tiny
+    # Corrupt / truncated file.
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 7)
+    assert main(["convert", str(bad), "--out", str(tmp_path / "o1"), "--no-progress"]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    # Unsupported architecture.
+    from sd3_jax.convert.safetensors_io import write_safetensors
+
+    other = tmp_path / "unet.safetensors"
+    write_safetensors(other, {"down_blocks.0.resnets.0.conv1.weight": np.ones((4, 4, 3, 3), np.float32)})
+    assert main(["convert", str(other), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "unsupported architecture" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # Full pipeline without tokenizers.
+    sai = tmp_path / "full.safetensors"
+    assert main(["export", str(root / "ckpt_t51"), "--format", "sai", "--out", str(sai)]) == 0
+    assert main(["convert", str(sai), "--out", str(tmp_path / "o3"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizers" in err and "tokenizer/" in err and not (tmp_path / "o3").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".o")]  # no scratch left behind
+    # A missing component: a transformer-only checkpoint cannot sample.
+    t_only = tmp_path / "transformer.safetensors"
+    from sd3_jax.convert.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(sai) as f:
+        write_safetensors(
+            t_only,
+            {
+                k[len("model.diffusion_model.") :]: f.read(k)
+                for k in f.keys()
+                if k.startswith("model.diffusion_model.")
+            },
+            metadata=f.metadata,
+        )
+    assert main(["convert", str(t_only), "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "t"),
+                "--prompt",
+                "a cat",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
+    assert "lacks vae" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    # Sizes and prompts.
+    pipe = SD3Pipeline.load(str(root / "ckpt_t51"))
+    with pytest.raises(ValueError, match="largest size is 8x8"):
+        pipe.generate("a cat", height=16, width=8)
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        pipe.generate([], height=8, width=8)
+    # Existing output is never overwritten.
+    assert (
+        main(["convert", str(root / "diffusers_t51"), "--out", str(root / "ckpt_t51"), "--no-progress"]) == 2
+    )
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_sample_cli_writes_png_with_metadata(tiny, tmp_path):
+    from PIL import Image
+
+    root, _ = tiny
+    out = tmp_path / "cat.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(root / "ckpt_t51"),
+                "--prompt",
+                "a photo of a cat",
+                "--steps",
+                "2",
+                "--size",
+                "8x8",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    img = Image.open(out)
+    assert img.size == (8, 8)
+    assert img.text["prompt"] == "a photo of a cat" and img.text["seed"] == "3" and img.text["steps"] == "2"
+    assert img.text["sampler"] == "euler" and img.text["cfg"] == "7.0" and img.text["model"] == "ckpt_t51"
