@@ -312,16 +312,25 @@ def lora_logical_names(lora: Lora, boxed_base: Mapping[str, Any]) -> Lora:
     return Lora(params=params, scaling=lora.scaling)
 
 
-def lora_state_shardings(cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTransformation, mesh: Any) -> Any:
-    """NamedShardings of a LoRA TrainState: adapters by their logical names, optimizer moments likewise."""
+def _abstract_base(model_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(abstract params, the same boxed with their logical names), from one eval_shape."""
     from sd3_jax.convert.mmdit import abstract_params
+
+    boxed = abstract_params(model_cfg, boxed=True)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box), boxed
+
+
+def lora_state_shardings(
+    cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTransformation, mesh: Any, _base: Any = None
+) -> Any:
+    """NamedShardings of a LoRA TrainState: adapters by their logical names, optimizer moments likewise."""
     from sd3_jax.sharding.mesh import tree_shardings
     from sd3_jax.train.state import TrainState
 
-    abstract_lora = jax.eval_shape(
-        lambda k: init_lora(k, abstract_params(cfg.model), lora_cfg), jax.random.key(0)
-    )
-    p_sh = tree_shardings(lora_logical_names(abstract_lora, abstract_params(cfg.model, boxed=True)), mesh)
+    abstract, boxed = _base or _abstract_base(cfg.model)
+    abstract_lora = jax.eval_shape(lambda k: init_lora(k, abstract, lora_cfg), jax.random.key(0))
+    p_sh = tree_shardings(lora_logical_names(abstract_lora, boxed), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     flat = {
         tuple(str(k) for k in path): (leaf, sh)
@@ -349,14 +358,13 @@ def create_lora_state(
     lora: Lora | None = None,
 ) -> Any:
     """A TrainState whose params are a fresh (or the given) adapter, created directly sharded."""
-    from sd3_jax.convert.mmdit import abstract_params
     from sd3_jax.train.state import TrainState
 
-    shardings = lora_state_shardings(cfg, lora_cfg, tx, mesh)
-    abstract = abstract_params(cfg.model)
+    base = _abstract_base(cfg.model)
+    shardings = lora_state_shardings(cfg, lora_cfg, tx, mesh, base)
 
     def make(key, lora):
-        p = init_lora(key, abstract, lora_cfg) if lora is None else lora
+        p = init_lora(key, base[0], lora_cfg) if lora is None else lora
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), ema_params=p)
 
     return jax.jit(make, out_shardings=shardings)(key, lora)

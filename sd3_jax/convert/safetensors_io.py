@@ -1,14 +1,14 @@
 """Reads and writes safetensors files without torch, one tensor at a time.
 
 The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to its dtype,
-shape and byte range, then the raw bytes. Reading memory-maps the file, so only the tensor asked for is
-paged in; bf16 and fp8 come back as `ml_dtypes` arrays.
+shape and byte range, then the raw bytes. Each read copies one tensor into a fresh buffer with pread (no
+memory map, so a converted file's pages never count against resident memory); bf16 and fp8 come back as
+`ml_dtypes` arrays.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -80,7 +80,6 @@ class SafetensorsFile:
                 )
             self._entries[name] = (dtype, shape, begin, end)
         self._file = open(self.path, "rb")
-        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -96,14 +95,18 @@ class SafetensorsFile:
         return end - begin
 
     def read(self, name: str) -> np.ndarray:
-        """Returns a copy of one tensor in host memory."""
+        """Returns one tensor in a fresh host buffer (read with pread: no file pages stay mapped)."""
         dtype, shape, begin, end = self._entries[name]
-        buf = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=self._start + begin)
-        return buf.view(dtype).reshape(shape).copy()
+        buf = np.empty(end - begin, np.uint8)
+        view, offset, done = memoryview(buf), self._start + begin, 0
+        while done < len(buf):
+            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise CorruptFileError(f"{self.path}: truncated while reading tensor {name!r}")
+            done += n
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
-        if self._mmap is not None:
-            self._mmap.close()
         self._file.close()
 
     def __enter__(self) -> SafetensorsFile:
