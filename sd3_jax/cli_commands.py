@@ -45,7 +45,7 @@ def _sample(a: argparse.Namespace) -> None:
     from sd3_jax.pipeline import SD3Pipeline
 
     enable_compilation_cache()
-    width, height = parse_size(a.size)
+    width, height = parse_size(a.size) if a.size else (None, None)
     if not a.out.lower().endswith(".png"):
         raise ValueError(f"--out must be a .png file, got {a.out}")
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, None: None}[a.dtype]
@@ -67,17 +67,19 @@ def _sample(a: argparse.Namespace) -> None:
     base, ext = os.path.splitext(a.out)
     for i, img in enumerate(images):
         meta = PngImagePlugin.PngInfo()
-        for k, v in dict(
+        d = pipe.defaults
+        info = dict(
             prompt=a.prompt,
             negative_prompt=a.negative_prompt,
             seed=a.seed,
-            steps=a.steps,
+            steps=a.steps or d["steps"],
             sampler=a.sampler,
-            cfg=a.cfg,
+            cfg=d["guidance_scale"] if a.cfg is None else a.cfg,
             model=pipe.name,
-            size=f"{width}x{height}",
+            size=f"{img.shape[1]}x{img.shape[0]}",
             index=i,
-        ).items():
+        )
+        for k, v in info.items():
             meta.add_text(k, str(v))
         path = a.out if len(images) == 1 else f"{base}-{i}{ext}"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -123,11 +125,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative-prompt", default="")
-    s.add_argument("--steps", type=int, default=28)
-    s.add_argument("--cfg", type=float, default=7.0)
+    s.add_argument("--steps", type=int, default=None, help="default: the checkpoint's (SD3: 28)")
+    s.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale; default: the checkpoint's (SD3: 7)"
+    )
     s.add_argument("--shift", type=float, default=None, help="SD3 timestep shift (default: the scheduler's)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", default="1024x1024", help="WxH in pixels")
+    s.add_argument("--size", default=None, help="WxH in pixels; default: the checkpoint's (SD3: 1024x1024)")
     s.add_argument("--sampler", default="euler", choices=["euler", "dpmpp_2m"])
     s.add_argument("--num-images", type=int, default=1)
     s.add_argument(

@@ -400,5 +400,5 @@ def lora_train_step(
     params = optax.apply_updates(state.params, updates)
     d = cfg.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params) if d > 0 else params
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics

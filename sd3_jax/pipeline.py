@@ -24,8 +24,9 @@ from sd3_jax.convert.pipeline_io import load_component
 from sd3_jax.flow import samplers as smp
 from sd3_jax.flow import schedules
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
-from sd3_jax.nn.vae import VAE, VAEConfig, scale_latents, unscale_latents
+from sd3_jax.nn.vae import VAE, IdentityAEConfig, VAEConfig, scale_latents, unscale_latents
 
+DEFAULTS = dict(height=1024, width=1024, steps=28, guidance_scale=7.0, max_sequence_length=256)
 _BAR: list[Any] = []  # the progress bar of the generate call in flight, updated from the device loop
 
 
@@ -81,15 +82,21 @@ def denoise(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "tile"))
-def decode(params: Any, z: jax.Array, *, config: VAEConfig, tile: int | None = None) -> jax.Array:
+def decode(
+    params: Any, z: jax.Array, *, config: VAEConfig | IdentityAEConfig, tile: int | None = None
+) -> jax.Array:
     """Scaled latents -> images in [0, 1] (float32)."""
+    if isinstance(config, IdentityAEConfig):
+        return jnp.clip(z.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     x = VAE(config).apply({"params": params}, unscale_latents(z, config), tile=tile, method=VAE.decode)
     return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def encode(params: Any, images: jax.Array, *, config: VAEConfig) -> jax.Array:
+def encode(params: Any, images: jax.Array, *, config: VAEConfig | IdentityAEConfig) -> jax.Array:
     """Images in [0, 1] -> scaled latents (the posterior mean: a deterministic encode)."""
+    if isinstance(config, IdentityAEConfig):
+        return images * 2 - 1
     mean, _ = VAE(config).apply({"params": params}, images * 2 - 1, method=VAE.encode)
     return scale_latents(mean, config)
 
@@ -111,12 +118,15 @@ class SD3Pipeline:
         text: Any,
         scheduler: dict[str, Any],
         name: str = "sd3",
+        defaults: dict[str, Any] | None = None,
     ):
         self.transformer_config, self.transformer_params = transformer
         self.vae_config, self.vae_params = vae
         self.text = text
         self.scheduler = scheduler
         self.name = name
+        # Sampling defaults of this model (a checkpoint's "sampling" entry); arguments left None take them.
+        self.defaults = {**DEFAULTS, **(defaults or {})}
 
     @classmethod
     def load(
@@ -147,9 +157,8 @@ class SD3Pipeline:
             )
         t_sh = None
         if mesh is not None:
-            from sd3_jax.convert.mmdit import abstract_params
-            from sd3_jax.nn.mmdit import MMDiTConfig as _C
             from sd3_jax.convert.components import read_config
+            from sd3_jax.convert.mmdit import abstract_params
             from sd3_jax.sharding.mesh import tree_shardings
 
             t_sh = tree_shardings(
@@ -157,10 +166,20 @@ class SD3Pipeline:
             )
         t_cfg, t_params = load_component(ckpt_dir, "transformer", dtype, t_sh)
         t_cfg = t_cfg.replace(dtype=dtype, attention=attention)
-        v_cfg, v_params = load_component(ckpt_dir, "vae", dtype)
+        if have["vae"]["kind"] == "identity":
+            v_cfg, v_params = IdentityAEConfig(**have["vae"]["config"]), None
+        else:
+            v_cfg, v_params = load_component(ckpt_dir, "vae", dtype)
         text = _load_text(ckpt_dir, have, dtype, use_t5, t_cfg.context_dim)
         name = os.path.basename(os.path.normpath(ckpt_dir))
-        return cls((t_cfg, t_params), (v_cfg, v_params), text, manifest.get("scheduler", {}), name)
+        return cls(
+            (t_cfg, t_params),
+            (v_cfg, v_params),
+            text,
+            manifest.get("scheduler", {}),
+            name,
+            manifest.get("sampling"),
+        )
 
     def encode_prompt(self, prompt, negative_prompt=None, **kw):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled), as diffusers' pipeline."""
@@ -198,16 +217,16 @@ class SD3Pipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
-        height: int = 1024,
-        width: int = 1024,
-        steps: int = 28,
-        guidance_scale: float = 7.0,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         shift: float | None = None,
         seed: int = 0,
         latents: Any = None,
         sampler: str = "euler",
         num_images_per_prompt: int = 1,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         clip_skip: int | None = None,
         skip_guidance_layers: Sequence[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
@@ -224,6 +243,8 @@ class SD3Pipeline:
         Args:
           prompt, negative_prompt: a prompt or a list of them.
           height, width: image size in pixels (multiples of 16, within the position table).
+          Arguments left None take the checkpoint's sampling defaults (SD3: 1024x1024, 28 steps, CFG 7.0,
+          256 T5 tokens).
           steps, guidance_scale, shift: schedule length, CFG scale (<= 1 disables CFG), SD3 shift (None: the
             checkpoint's scheduler's, 3.0 for SD3).
           seed: draws the initial latents (or the img2img noise) unless `latents` is given.
@@ -234,6 +255,12 @@ class SD3Pipeline:
           output: "uint8" (N, H, W, 3), "float" ([0, 1] float32, before quantisation) or "latent".
           vae_tile: decode in tiles of this many latent pixels (bounded memory for large images).
         """
+        d = self.defaults
+        height, width = height or d["height"], width or d["width"]
+        steps = steps or d["steps"]
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        max_sequence_length = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+        shift = d.get("shift") if shift is None else shift
         if sampler not in smp.SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(smp.SAMPLERS)}, got {sampler!r}")
         if output not in ("uint8", "float", "latent"):

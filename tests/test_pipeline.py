@@ -318,3 +318,75 @@ def test_sample_cli_writes_png_with_metadata(tiny, tmp_path):
     assert img.size == (8, 8)
     assert img.text["prompt"] == "a photo of a cat" and img.text["seed"] == "3" and img.text["steps"] == "2"
     assert img.text["sampler"] == "euler" and img.text["cfg"] == "7.0" and img.text["model"] == "ckpt_t51"
+
+
+def test_prepare_then_finetune_from_converted_checkpoint(tiny, tmp_path):
+    """`sd3-jax prepare` encodes a folder with the checkpoint's VAE and text encoders (skipping bad records);
+    `sd3-jax train` fine-tunes the converted transformer on the records."""
+    from PIL import Image
+
+    from sd3_jax.data.records import PreparedSource
+    from sd3_jax.pipeline import encode
+    from sd3_jax.train.loop import read_metrics
+
+    root, _ = tiny
+    ckpt = root / "ckpt_t51"
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(PROMPT[i % 2])
+    (data / "5.png").write_bytes(b"not a png")
+    (data / "5.txt").write_text("a cat")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "6.png")  # no caption
+    prefix = tmp_path / "prepared" / "tiny"
+    assert (
+        main(
+            [
+                "prepare",
+                str(data),
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(prefix),
+                "--size",
+                "8",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    src = PreparedSource(prefix)
+    assert len(src) == 5
+    ex = src[0]
+    assert ex["latents"].shape == (8, 8, 4) and ex["clip_l"].shape == (77, 16) and ex["t5"].shape == (256, 64)
+    pipe = SD3Pipeline.load(str(ckpt))
+    from sd3_jax.data.pipeline import crop, resize_to_cover
+
+    img = crop(resize_to_cover(np.asarray(Image.open(data / "0.png").convert("RGB")), 8, 8), 8, 8)
+    want = encode(pipe.vae_params, jnp_f32(img / 255.0)[None], config=pipe.vae_config)[0]
+    np.testing.assert_allclose(ex["latents"], np.asarray(want), atol=1e-5)
+    # Fine-tune the converted transformer on those records: the model comes from the checkpoint.
+    import json as _json
+
+    (tmp_path / "val").mkdir()
+    wd = tmp_path / "ft"
+    cfg = tmp_path / "ft.py"
+    cfg.write_text(
+        "from sd3_jax.train.config import TrainConfig, DataConfig, OptimConfig\n"
+        f"def get_config():\n    return TrainConfig(data=DataConfig(kind='prepared', path={str(prefix)!r}),\n"
+        "        optim=OptimConfig(lr=1e-4), batch_size=2, steps=3, checkpoint_every=3, eval_every=0,\n"
+        f"        compute_dtype='float32', init_from={str(ckpt)!r})\n"
+    )
+    assert main(["train", "--config", str(cfg), "--workdir", str(wd), "--no-progress"]) == 0
+    losses = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert _json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def jnp_f32(x):
+    import jax.numpy as jnp
+
+    return jnp.asarray(x, jnp.float32)

@@ -7,12 +7,14 @@ joint_attention_dim), CLIP context 77 as in SD3.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from conftest import randomize_
+
+from sd3_jax.data.tokenizer import clip_vocab as _clip_vocab
+from sd3_jax.data.tokenizer import make_clip_tokenizer as _make_clip_tokenizer
 
 CLIP_WORDS = ("a", "photo", "of", "cat", "dog", "the", "an", "astronaut", "riding", "horse", "on", "moon")
 T5_SENTENCES = (
@@ -28,40 +30,15 @@ DIMS = dict(clip_l=16, clip_g=24, t5=64, pooled=40)
 
 
 def clip_vocab() -> tuple[dict[str, int], list[str]]:
-    """Byte-level BPE vocabulary and merges: printable ASCII bytes (alone and word-final), merges that spell
-    CLIP_WORDS, then <|startoftext|> and <|endoftext|> last, as in CLIP's vocabulary (EOS has the top id)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = [bytes_to_unicode()[b] for b in range(33, 127)]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges: list[str] = []
-    for word in CLIP_WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            if f"{parts[0]} {parts[1]}" not in merges:
-                merges.append(f"{parts[0]} {parts[1]}")
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
+    """The tiny CLIP vocabulary over CLIP_WORDS (see sd3_jax.data.tokenizer.clip_vocab)."""
+    return _clip_vocab(CLIP_WORDS)
 
 
 def make_clip_tokenizer(
     path: str | os.PathLike, pad_token: str = "<|endoftext|>", model_max_length: int = 77
 ):
-    """A CLIPTokenizer over `clip_vocab()` written to `path` as vocab.json and merges.txt.
-
-    SD3's tokenizer pads with <|endoftext|>, tokenizer_2 with "!"."""
-    from transformers import CLIPTokenizer
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab()
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(path, pad_token=pad_token, model_max_length=model_max_length)
+    """A CLIPTokenizer over CLIP_WORDS. SD3's tokenizer pads with <|endoftext|>, tokenizer_2 with "!"."""
+    return _make_clip_tokenizer(path, CLIP_WORDS, pad_token=pad_token, model_max_length=model_max_length)
 
 
 def make_t5_tokenizer(path: str | os.PathLike):

@@ -2,9 +2,9 @@
 
 from sd3_jax.convert.mapping import CheckpointError, open_tensors
 from sd3_jax.convert.mmdit import export_mmdit, load_mmdit
+from sd3_jax.convert.safetensors_io import CorruptFileError, SafetensorsFile, write_safetensors
 from sd3_jax.convert.text_encoders import export_clip, export_t5, load_clip, load_t5
 from sd3_jax.convert.vae import export_vae, load_vae
-from sd3_jax.convert.safetensors_io import CorruptFileError, SafetensorsFile, write_safetensors
 
 __all__ = [
     "CheckpointError",

@@ -321,3 +321,13 @@ class VAE(nn.Module):
         acc, _ = scan(self, acc, plan)
         out = acc / jnp.asarray(sy[:, None] * sx[None, :])[..., None]
         return out.astype(self.dtype or jnp.result_type(z.dtype, self.param_dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityAEConfig:
+    """No autoencoder: models trained in pixel space. Latents are the images in [-1, 1], channels last."""
+
+    channels: int = 3  # latent channels = image channels
+    factor: int = 1  # pixels per latent pixel
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0

@@ -37,8 +37,7 @@ from sd3_jax.train.config import TrainConfig
 from sd3_jax.train.state import TrainState
 from sd3_jax.train.step import batch_loss, sample_t
 
-TEXT_KEYS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
-PAIR_KEYS = ("latents_w", "latents_l", *TEXT_KEYS)
+TEXT_KEYS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")  # "t5" may be left out (no T5 tokens)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -65,7 +64,7 @@ def pair_errors(
     """
     n = batch["latents_w"].shape[0]
     both = {"latents": jnp.concatenate([batch["latents_w"], batch["latents_l"]])}
-    both.update({k: jnp.concatenate([batch[k], batch[k]]) for k in TEXT_KEYS})
+    both.update({k: jnp.concatenate([batch[k], batch[k]]) for k in TEXT_KEYS if k in batch})
     err = batch_loss(cfg, params, both, jnp.concatenate([t, t]), jnp.concatenate([noise, noise]), None)
     return err[:n], err[n:]
 
@@ -127,7 +126,7 @@ def dpo_train_step(
     params = optax.apply_updates(state.params, updates)
     d = cfg.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params) if d > 0 else params
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
@@ -150,7 +149,8 @@ class PairsSource:
     latents. Without a `text` file, `encode_text(caption)` gives the embeddings. Bad lines raise at
     construction, naming the line.
 
-    Item i is {"latents_w", "latents_l", "clip_l", "clip_g", "t5", "pooled_l", "pooled_g"}, float32.
+    Item i is {"latents_w", "latents_l", "clip_l", "clip_g", "t5", "pooled_l", "pooled_g"}, float32 (without
+    "t5" when the embeddings have none: the trainer then uses no T5 tokens).
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class PairsSource:
                 text = {k: z[k] for k in TEXT_KEYS if k in z}
         else:
             text = dict(self.encode_text(row["caption"]))
-        missing = [k for k in TEXT_KEYS if k not in text]
+        missing = [k for k in TEXT_KEYS if k not in text and k != "t5"]
         if missing:
             raise ValueError(f"{row['where']}: text embeddings lack {missing}")
         w, l = self._latents(row["chosen"]), self._latents(row["rejected"])
@@ -219,4 +219,8 @@ class PairsSource:
             raise ValueError(
                 f"{row['where']}: chosen {w.shape} and rejected {l.shape} must be equal (h, w, C)"
             )
-        return {"latents_w": w, "latents_l": l, **{k: np.asarray(text[k], np.float32) for k in TEXT_KEYS}}
+        return {
+            "latents_w": w,
+            "latents_l": l,
+            **{k: np.asarray(text[k], np.float32) for k in TEXT_KEYS if k in text},
+        }

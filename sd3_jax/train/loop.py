@@ -82,9 +82,25 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _with_checkpoint_model(cfg: TrainConfig) -> TrainConfig:
+    """The config with its model replaced by the checkpoint's transformer (keeping attention and remat)."""
+    import dataclasses
+
+    from sd3_jax.convert.components import read_config
+    from sd3_jax.convert.orbax_io import read_manifest
+
+    entry = read_manifest(cfg.init_from)["components"].get("transformer")
+    if entry is None:
+        raise ValueError(f"{cfg.init_from}: checkpoint has no transformer to fine-tune")
+    model = read_config("mmdit", entry["config"]).replace(
+        attention=cfg.model.attention, remat=cfg.model.remat
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
 def _load_init_params(cfg: TrainConfig) -> Any:
-    from sd3_jax.convert.orbax_io import read_manifest, restore_params
     from sd3_jax.convert.mmdit import abstract_params
+    from sd3_jax.convert.orbax_io import read_manifest, restore_params
 
     manifest = read_manifest(cfg.init_from)
     if "transformer" not in manifest["components"]:
@@ -97,6 +113,8 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
     import orbax.checkpoint as ocp
 
     os.makedirs(workdir, exist_ok=True)
+    if cfg.init_from:
+        cfg = _with_checkpoint_model(cfg)
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.steps)
     shardings = state_shardings(cfg, tx, mesh)
@@ -139,9 +157,7 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
         eval_fn = jax.jit(functools.partial(eval_loss, cfg))
         ts = jnp.asarray(cfg.eval_timesteps, jnp.float32)
 
-        lat = cfg.data.latent_size
-        text_len = 2 * cfg.data.text_len if cfg.data.kind == "synthetic" else 77 + 256
-        flops = 3 * mmdit_forward_flops(cfg.model, lat, lat, text_len, cfg.batch_size)
+        flops = None
         peak = cfg.peak_flops or peak_flops(jax.devices()[0].device_kind)
         bar = None
         if progress and jax.process_index() == 0:
@@ -164,6 +180,10 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
         t_last, s_last = time.perf_counter(), start
         for step in range(start + 1, cfg.steps + 1):
             batch = global_batch(mesh, next(it))
+            if flops is None:
+                _, lh, lw, _ = batch["latents"].shape
+                text_len = batch["clip_l"].shape[1] + (batch["t5"].shape[1] if "t5" in batch else 0)
+                flops = 3 * mmdit_forward_flops(cfg.model, lh, lw, text_len, cfg.batch_size)
             state, m = step_fn(state, batch, step_rng)
             if pending is not None:
                 metrics_out.write({"step": pending[0], "loss": check(*pending)})

@@ -40,10 +40,15 @@ def sample_t(cfg: TrainConfig, key: jax.Array, n: int) -> jax.Array:
 
 
 def text_condition(
-    batch: dict[str, jax.Array], key: jax.Array | None, p: float
+    batch: dict[str, jax.Array], key: jax.Array | None, p: float, context_dim: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Context and pooled vectors from per-encoder pieces, with per-encoder dropout when `key` is given."""
-    pieces = [batch[k] for k in ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")]
+    """Context and pooled vectors from per-encoder pieces, with per-encoder dropout when `key` is given.
+
+    A batch without "t5" trains with no T5 tokens (its (B, 0, context_dim) part is empty).
+    """
+    b = batch["clip_l"].shape[0]
+    t5 = batch["t5"] if "t5" in batch else jnp.zeros((b, 0, context_dim), batch["clip_l"].dtype)
+    pieces = [batch["clip_l"], batch["clip_g"], t5, batch["pooled_l"], batch["pooled_g"]]
     if key is None or p == 0.0:
         return conditioning.join_context(*pieces[:3]), conditioning.join_pooled(*pieces[3:])
     context, pooled, _ = conditioning.drop_and_join(key, *pieces, p=p)
@@ -64,7 +69,8 @@ def batch_loss(
     dtype = jnp.dtype(cfg.compute_dtype)
     model = MMDiT(cfg.model.replace(dtype=dtype))
     x0 = batch["latents"].astype(jnp.float32)
-    context, pooled = text_condition(batch, drop_key, cfg.text_dropout)
+    batch = {k: v.astype(jnp.float32) for k, v in batch.items()}
+    context, pooled = text_condition(batch, drop_key, cfg.text_dropout, cfg.model.context_dim)
     z = form.noise(x0, noise, t)
     net_x, net_t = form.net_input(z, t)
     p = jax.tree.map(lambda a: a.astype(dtype), params)
