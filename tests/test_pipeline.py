@@ -390,3 +390,16 @@ def jnp_f32(x):
     import jax.numpy as jnp
 
     return jnp.asarray(x, jnp.float32)
+
+
+def test_sizes_must_be_multiples_of_16_within_the_table():
+    """SD3 Medium geometry (VAE factor 8, patch 2, 192-patch table): 16-pixel steps, at most 3072 px."""
+    from sd3_jax.nn.mmdit import MMDiTConfig
+    from sd3_jax.nn.vae import VAEConfig
+
+    pipe = SD3Pipeline((MMDiTConfig.sd3_medium(), None), (VAEConfig.sd3(), None), None, {})
+    pipe.check_size(1024, 1344)
+    with pytest.raises(ValueError, match="positive multiples of 16, got 1000x1024"):
+        pipe.check_size(1000, 1024)
+    with pytest.raises(ValueError, match="largest size is 3072x3072"):
+        pipe.check_size(3088, 1024)
