@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     for name, kw in runs.items():
         cfg = dataclasses.replace(demo.train_config(steps, prefix), eval_every=0, **kw)
         if a.smoke:
-            cfg = dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps)
+            cfg = common.with_model(dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps), depth=1)
         params, metrics = common.run(cfg, os.path.join(a.out, "work", name.replace("/", "_")))
         res = common.evaluate(params, cfg.model, cfg.formulation, text, n=n_eval)
         results[name] = {**res, "final_loss": [m["loss"] for m in metrics if "loss" in m][-1]}

@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
             demo.train_config(steps, prefix), formulation=form, timesteps=density, eval_every=0
         )
         if a.smoke:
-            cfg = dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps)
+            cfg = common.with_model(dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps), depth=1)
         params, _ = common.run(cfg, os.path.join(work, folder))
         held = lambda **kw: common.evaluate(params, cfg.model, form, text, n=n, **kw)
         by_steps = {s: held(steps=s) for s in step_grid}

@@ -243,6 +243,8 @@ class SD3Pipeline:
         Args:
           prompt, negative_prompt: a prompt or a list of them.
           height, width: image size in pixels (multiples of 16, within the position table).
+          An empty negative prompt is encoded as "" (diffusers), or as zeros where the checkpoint's sampling
+          defaults say `"uncond": "zeros"` (models trained with zeroed text dropout, like the demo's).
           Arguments left None take the checkpoint's sampling defaults (SD3: 1024x1024, 28 steps, CFG 7.0,
           256 T5 tokens).
           steps, guidance_scale, shift: schedule length, CFG scale (<= 1 disables CFG), SD3 shift (None: the
@@ -281,6 +283,9 @@ class SD3Pipeline:
             clip_skip=clip_skip,
             max_sequence_length=max_sequence_length,
         )
+        if use_cfg and d.get("uncond") == "zeros" and not negative_prompt:
+            # Models trained with dropped (zeroed) text sample best against that unconditional input.
+            neg_embeds, neg_pooled = jnp.zeros_like(neg_embeds), jnp.zeros_like(neg_pooled)
         dtype = self.transformer_config.dtype or jax.tree.leaves(self.transformer_params)[0].dtype
         shape = (n, lh, lw, self.transformer_config.in_channels)
         if latents is None:

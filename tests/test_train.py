@@ -33,6 +33,14 @@ def steps(workdir: str) -> list[int]:
     return [m["step"] for m in read_metrics(workdir) if "loss" in m]
 
 
+def train_cmd(workdir: str, *overrides: str) -> list[str]:
+    """`sd3-jax train` on the smoke config with `--set` overrides."""
+    cmd = [sys.executable, "-m", "sd3_jax.cli", "train", "--config", SMOKE, "--workdir", workdir, "--no-progress"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", **extra)
     e.pop("XLA_FLAGS", None)
@@ -63,25 +71,7 @@ def test_resume_equals_straight_run(tmp_path, straight):
 def test_sigkill_then_resume(tmp_path, straight):
     """SIGKILL mid-run; the restart resumes from the last complete checkpoint and matches the straight run."""
     wd = str(tmp_path / "wd")
-    cmd = [
-        sys.executable,
-        "-m",
-        "sd3_jax.cli",
-        "train",
-        "--config",
-        SMOKE,
-        "--workdir",
-        wd,
-        "--no-progress",
-        "--set",
-        "steps=8",
-        "--set",
-        "checkpoint_every=2",
-        "--set",
-        "eval_every=4",
-        "--set",
-        "async_checkpoints=false",
-    ]
+    cmd = train_cmd(wd, "steps=8", "checkpoint_every=2", "eval_every=4", "async_checkpoints=false")
     slow = cmd + ["--set", "steps=400"]  # long enough to be killed mid-run
     proc = subprocess.Popen(slow, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = os.path.join(wd, "checkpoints")
@@ -168,25 +158,7 @@ def test_two_processes_match_one(tmp_path, straight):
     """Two processes on 127.0.0.1 (gloo collectives), one CPU device each, fsdp=2: same losses as one."""
     wd = str(tmp_path / "wd")
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "sd3_jax.cli",
-        "train",
-        "--config",
-        SMOKE,
-        "--workdir",
-        wd,
-        "--no-progress",
-        "--set",
-        "steps=8",
-        "--set",
-        "checkpoint_every=2",
-        "--set",
-        "eval_every=4",
-        "--set",
-        "mesh.fsdp=2",
-    ]
+    cmd = train_cmd(wd, "steps=8", "checkpoint_every=2", "eval_every=4", "mesh.fsdp=2")
     procs = [
         subprocess.Popen(
             cmd,

@@ -1,0 +1,678 @@
+"""Shared pieces of the benchmarks: sizes per device, model pairs, timing, machine facts, JSON and tables.
+
+    python bench/common.py --render [bench/results] > BENCHMARKS.md
+
+Each benchmark script is run as `python bench/NAME.py --device cpu|gpu`; it prints a table and writes
+`bench/results/NAME-<device>.json` as {"meta": machine facts, "results": [rows]}. `render_markdown` turns
+every such file into the tables of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sd3_jax.nn.mmdit import MMDiTConfig
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes per device preset.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    model: MMDiTConfig  # the network (weights random)
+    name: str  # how tables name the model
+    size: int  # image side in pixels; latents are size / 8
+    text_len: int  # text tokens (CLIP 77 + T5)
+    steps: int  # denoising steps
+    dtype: str  # compute and weight dtype of both frameworks
+    batches: tuple[int, ...]  # images per prompt batch for sampling
+
+    @property
+    def latent(self) -> int:
+        return self.size // 8
+
+
+def small_config(**kw: Any) -> MMDiTConfig:
+    """The CPU network: SD3 Medium's layout and real text widths, depth 4, width 256 (4 heads of 64)."""
+    return MMDiTConfig.sd3_medium(**{**dict(depth=4, num_heads=4, head_dim=64), **kw})
+
+
+def preset(device: str) -> Preset:
+    if device == "cpu":
+        # fp32: bf16 matmuls on this CPU are emulated in both frameworks, so bf16 would measure emulation.
+        return Preset(small_config(), "small (depth 4, width 256)", 256, 154, 28, "float32", (1, 4))
+    if device == "gpu":
+        return Preset(MMDiTConfig.sd3_medium(), "SD3 Medium", 1024, 333, 28, "bfloat16", (1, 4))
+    raise ValueError(f"--device must be cpu or gpu, got {device!r}")
+
+
+def add_common_args(ap: argparse.ArgumentParser, name: str) -> None:
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="size preset and platform")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="cpu: pin both frameworks to N threads (XLA's Eigen pool, torch); default: each its own",
+    )
+    ap.add_argument(
+        "--out", default=None, help=f"JSON path (default bench/results/{name}-<device>[-<N>thread].json)"
+    )
+
+
+def out_path(args: argparse.Namespace, name: str) -> str:
+    suffix = f"-{args.threads}thread" if getattr(args, "threads", None) else ""
+    return args.out or os.path.join(RESULTS, f"{name}-{args.device}{suffix}.json")
+
+
+def setup_platform(device: str, threads: int | None = None) -> None:
+    """Pins jax to the platform (and, on CPU, XLA to `threads` threads) before a backend initialises."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cuda" if device == "gpu" else "cpu")
+    if threads:
+        flags = [f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"]
+        flags.append(f"intra_op_parallelism_threads={threads}")
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+def torch_device(device: str) -> str:
+    return "cuda" if device == "gpu" else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same random network in both frameworks.
+
+
+def diffusers_kwargs(cfg: MMDiTConfig) -> dict[str, Any]:
+    from sd3_jax.convert.mmdit import config_to_diffusers
+
+    kw = config_to_diffusers(cfg)
+    kw.pop("_class_name")
+    if not kw["dual_attention_layers"]:
+        kw["dual_attention_layers"] = ()
+    return kw
+
+
+def randomize_(module: Any, seed: int = 0, std: float = 0.02) -> None:
+    """Overwrites every parameter of a torch module with random values (norm scales around 1), in place."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            if "norm" in name and name.endswith("weight") and p.ndim == 1:
+                r = r + 1.0
+            p.copy_(r.to(p.dtype))
+
+
+def model_pair(cfg: MMDiTConfig, seed: int = 0) -> tuple[Any, MMDiTConfig, dict[str, Any]]:
+    """diffusers' SD3Transformer2DModel with random fp32 weights, and the same weights loaded into ours.
+
+    Returns (torch model on the host, our config, numpy fp32 params); cast and move them as needed.
+    """
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from sd3_jax.convert.mmdit import load_mmdit
+
+    torch.manual_seed(seed)
+    ref = SD3Transformer2DModel(**diffusers_kwargs(cfg)).eval()
+    randomize_(ref, seed)
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    ours_cfg, params = load_mmdit(sd, num_heads=cfg.num_heads)
+    if ours_cfg.replace(attention=cfg.attention, remat=cfg.remat, sample_size=cfg.sample_size) != cfg:
+        raise RuntimeError(f"loaded config {ours_cfg} differs from {cfg}")
+    return ref, cfg, params
+
+
+def text_inputs(rng: Any, batch: int, text_len: int, cfg: MMDiTConfig) -> tuple[Any, Any]:
+    """Random prompt embeddings (B, L, context_dim) and pooled vectors (B, pooled_dim), float32."""
+    import numpy as np
+
+    ctx = rng.standard_normal((batch, text_len, cfg.context_dim), dtype=np.float32)
+    pooled = rng.standard_normal((batch, cfg.pooled_dim), dtype=np.float32)
+    return ctx, pooled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing.
+
+
+def time_it(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
+    """Runs `fn` (which must block until its work is done) warmup + repeats times; seconds of the repeats."""
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "first_s": first,
+        "repeats": repeats,
+    }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Like `time_it` for several functions, their repeats interleaved (a, b, a, b, ...).
+
+    On a shared host the load drifts; interleaving puts the drift on every side alike. Each function's
+    first call (compile, allocator warmup) is timed apart as `first_s`.
+    """
+    stats: dict[str, dict[str, Any]] = {}
+    for name, f in fns.items():
+        t0 = time.perf_counter()
+        f()
+        stats[name] = {"first_s": time.perf_counter() - t0, "times": []}
+        for _ in range(warmup - 1):
+            f()
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            stats[name]["times"].append(time.perf_counter() - t0)
+    for s in stats.values():
+        ts = s["times"]
+        s.update(median_s=statistics.median(ts), min_s=min(ts), max_s=max(ts), repeats=repeats)
+    return stats
+
+
+def is_oom(e: BaseException) -> bool:
+    s = str(e)
+    return any(k in s for k in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemory"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Machine facts.
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def _ram_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    return 0.0
+
+
+def machine_info(with_torch: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """Device, host and library versions, thread settings and the load average (other work on the host)."""
+    import jax
+
+    dev = jax.devices()[0]
+    info: dict[str, Any] = {
+        "device_kind": dev.device_kind,
+        "platform": dev.platform,
+        "num_devices": jax.device_count(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_bf16": _cpu_has("avx512_bf16") or _cpu_has("amx_bf16"),
+        "ram_gb": _ram_gb(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "threads": threads,  # both frameworks pinned to this many threads; None: each its default
+        "load_avg_1m_start": round(os.getloadavg()[0], 2),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    import flax
+
+    info["flax"] = flax.__version__
+    if with_torch:
+        import diffusers
+        import torch
+
+        info["torch"] = torch.__version__
+        info["diffusers"] = diffusers.__version__
+        if threads:
+            torch.set_num_threads(threads)
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["torch_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_result(path: str, meta: dict[str, Any], rows: list[dict[str, Any]], **extra: Any) -> None:
+    meta = dict(meta, load_avg_1m_end=round(os.getloadavg()[0], 2))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": rows, **extra}, f, indent=1)
+    print(f"wrote {path}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        if abs(v) >= 0.01:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return str(v)
+
+
+def table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str]], markdown: bool = False) -> str:
+    """rows as a text (or markdown) table; cols are (key, header)."""
+    head = [h for _, h in cols]
+    body = [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MFU denominators.
+
+
+def load_result(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def measured_matmul_rate(
+    device: str, dtype: str, threads: int | None = None, results_dir: str = RESULTS
+) -> float | None:
+    """The jax matmul FLOP/s of bench/matmul.py for this device, dtype and thread pin (best size), or None."""
+    suffix = f"-{threads}thread" if threads else ""
+    res = load_result(os.path.join(results_dir, f"matmul-{device}{suffix}.json"))
+    if res is None:
+        return None
+    rates = [r["flops_per_s"] for r in res["results"] if r["framework"] == "jax" and r["dtype"] == dtype]
+    return max(rates) if rates else None
+
+
+def mfu_fields(
+    flops: float, seconds: float, device: str, dtype: str, device_kind: str, threads: int | None = None
+) -> dict[str, Any]:
+    """Achieved FLOP/s, MFU against the datasheet bf16 peak and against the measured matmul rate."""
+    from sd3_jax.flops import peak_flops
+
+    rate = flops / seconds
+    peak = peak_flops(device_kind) if dtype == "bfloat16" else None
+    measured = measured_matmul_rate(device, dtype, threads)
+    return {
+        "tflops_per_s": rate / 1e12,
+        "mfu_peak": rate / peak if peak else None,
+        "mfu_matmul": rate / measured if measured else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BENCHMARKS.md
+
+
+MATMUL_COLS = [
+    ("framework", "framework"),
+    ("dtype", "dtype"),
+    ("n", "n"),
+    ("seconds", "s / matmul"),
+    ("tflops", "TFLOP/s"),
+    ("peak_tflops", "datasheet TFLOP/s"),
+]
+FORWARD_COLS = [
+    ("batch", "batch (with CFG)"),
+    ("jax_s", "sd3_jax s"),
+    ("torch_s", "diffusers s"),
+    ("ratio", "diffusers / sd3_jax"),
+    ("ratio_min", "same, of minima"),
+    ("torch_threads", "torch threads"),
+    ("gflop", "GFLOP"),
+    ("jax_mfu_matmul", "sd3_jax MFU (measured matmul)"),
+    ("jax_mfu_peak", "sd3_jax MFU (datasheet)"),
+    ("rel_diff", "max rel diff"),
+]
+LOOP_COLS = [
+    ("images", "images"),
+    ("jax_s_per_image", "sd3_jax s / image"),
+    ("torch_s_per_image", "diffusers s / image"),
+    ("ratio", "diffusers / sd3_jax"),
+    ("ratio_min", "same, of minima"),
+    ("torch_threads", "torch threads"),
+    ("jax_mfu_matmul", "sd3_jax MFU (measured matmul)"),
+    ("jax_mfu_peak", "sd3_jax MFU (datasheet)"),
+    ("torch_mfu_matmul", "diffusers MFU (measured matmul)"),
+    ("rel_diff", "max rel diff of latents"),
+]
+TRAIN_COLS = [
+    ("framework", "framework"),
+    ("size", "px"),
+    ("batch", "batch"),
+    ("remat", "remat"),
+    ("step_s", "s / step"),
+    ("images_per_s", "images / s"),
+    ("mfu_matmul", "MFU (measured matmul)"),
+    ("mfu_peak", "MFU (datasheet)"),
+    ("status", "status"),
+]
+CONVERT_COLS = [
+    ("what", "what"),
+    ("seconds", "s"),
+    ("gb_per_s", "GB/s"),
+    ("peak_rss_gb", "peak RSS GB"),
+    ("peak_anon_gb", "peak anon RSS GB"),
+    ("ratio_to_read", "x one read"),
+]
+
+LIMITS = {
+    "matmul": (
+        "Square matmuls, jitted (jax) or eager (torch), timed over repeated calls after warmup; the best "
+        "size "
+        "is the MFU denominator. On CPU the rate depends on the libraries' kernels (XLA:CPU's Eigen/oneDNN, "
+        "torch's oneDNN/BLAS) and on how many of the shared cores are free at that moment. "
+        "torch fp32 on GPU is true fp32 (TF32 off, its default); jax fp32 on GPU uses XLA's default "
+        "precision."
+    ),
+    "sampling": (
+        "Text encoders and the VAE decode are excluded from both sides: both start from the same random "
+        "prompt embeddings and initial latents. sd3_jax runs the whole 28-step Euler loop with CFG as one "
+        "jitted function (`sample_euler` over `cfg` over the MMDiT); diffusers runs "
+        "`StableDiffusion3Pipeline(prompt_embeds=..., output_type='latent')` with only the transformer and "
+        "its "
+        "FlowMatchEulerDiscreteScheduler (shift 3), eager PyTorch with its default attention (SDPA). The "
+        "forward rows are one CFG step (batch 2 x images). Compile time is excluded (warmup). 'max rel diff' "
+        "is max|sd3_jax - diffusers| / max|diffusers| of the outputs, confirming both did the same work."
+    ),
+    "training": (
+        "One optimizer step: forward, backward, global-norm clip 1.0, AdamW, EMA update. sd3_jax: "
+        "`sd3_jax.train.step.train_step`, jitted with the state donated, fp32 master weights and the "
+        "configured compute dtype; diffusers: the same step written in PyTorch (MSE on the velocity eps - "
+        "x0, "
+        "logit-normal t, `clip_grad_norm_`, `torch.optim.AdamW`, `_foreach_lerp_` EMA; autocast for bf16). "
+        "MFU counts 3 x the forward FLOPs (rematerialised recomputation is not counted)."
+    ),
+    "conversion": (
+        "A synthesized full-size SD3 Medium single file (random bf16 weights in Stability's layout, ~4.2 GB) "
+        "is read once tensor by tensor, then converted into an Orbax checkpoint, each in a child process "
+        "whose "
+        "peak resident memory is read from wait4 (ru_maxrss). The file's pages are evicted from the page "
+        "cache (posix_fadvise DONTNEED) before every row marked cold. Peak RSS counts the memory-mapped "
+        "file pages touched; 'peak anon' (sampled every 20 ms from /proc/self/status) is the memory the "
+        "process itself allocated."
+    ),
+    "cpu_mfu": (
+        "On the shared CPU host, MFU against the measured matmul rate is indicative only: the rate comes "
+        "from "
+        "bench/matmul.py run minutes apart under a different load (a value above 100% means the cores were "
+        "busier during the matmul run than during this one). The GPU figures do not have this problem."
+    ),
+    "compile": (
+        "bench/compile.py: lower and compile of the MMDiT forward (one CFG step, batch 2, 1024 px, 333 "
+        "tokens) on abstract shapes, one process, cold jax compilation cache."
+    ),
+}
+
+
+def _machine_line(meta: dict[str, Any]) -> str:
+    dev = meta.get("device_kind", meta.get("device", "?"))
+    parts = [f"device `{dev}`"]
+    if meta.get("cpu_model"):
+        parts.append(f"host {meta['cpu_model']}, {meta.get('cpu_cores')} cores, {meta.get('ram_gb')} GB RAM")
+    libs = [f"{k} {meta[k]}" for k in ("jax", "flax", "torch", "diffusers") if meta.get(k)]
+    if libs:
+        parts.append(", ".join(libs))
+    if meta.get("torch_threads") is not None:
+        parts.append(f"torch threads {meta['torch_threads']}")
+    if meta.get("load_avg_1m_start") is not None:
+        parts.append(f"load average {meta['load_avg_1m_start']} -> {meta.get('load_avg_1m_end')}")
+    if meta.get("date"):
+        parts.append(meta["date"])
+    return "; ".join(parts)
+
+
+def variants(results_dir: str, name: str, device: str) -> list[tuple[str, dict[str, Any]]]:
+    """(title, result) for NAME-<device>.json and each NAME-<device>-<N>thread.json, in that order."""
+    paths = [os.path.join(results_dir, f"{name}-{device}.json")]
+    paths += sorted(glob.glob(os.path.join(results_dir, f"{name}-{device}-*thread.json")))
+    out = []
+    for path in paths:
+        res = load_result(path)
+        if res is None:
+            continue
+        n = res["meta"].get("threads")
+        title = device.upper() + (f", both frameworks on {n} thread{'s' if n > 1 else ''}" if n else "")
+        out.append((title, res))
+    return out
+
+
+def _section(results_dir: str, name: str, title: str, cols, header_of=None) -> list[str]:
+    out = [f"## {title}", ""]
+    found = False
+    for device in ("gpu", "cpu"):
+        found_here = variants(results_dir, name, device)
+        if not found_here and device == "gpu":
+            out += ["**GPU: not measured in this session: no GPU was lent.**", ""]
+        for sub, res in found_here:
+            found = True
+            out += _variant(sub, res, cols, header_of)
+    if not found:
+        out += ["(no results yet)", ""]
+    out += [f"What limits these figures: {LIMITS[name]}", ""]
+    if name in ("sampling", "training") and variants(results_dir, name, "cpu"):
+        out += [LIMITS["cpu_mfu"], ""]
+    return out
+
+
+def _variant(sub: str, res: dict[str, Any], cols, header_of=None) -> list[str]:
+    out = [f"### {sub}", "", f"Machine: {_machine_line(res['meta'])}.", ""]
+    if header_of is not None:
+        out += [header_of(res), ""]
+    out += [table(res["results"], cols, markdown=True), ""]
+    out += [f"- {note}" for note in res.get("notes", [])]
+    return out + ([""] if res.get("notes") else [])
+
+
+def _sampling_header(res: dict[str, Any]) -> str:
+    c = res["config"]
+    return (
+        f"Model: {c['model']}, {c['size']}x{c['size']} px ({c['latent']}x{c['latent']} latents), "
+        f"{c['text_len']} "
+        f"text tokens, {c['steps']} steps, CFG scale {c['guidance']}, {c['dtype']}; "
+        f"{c['gflop_per_forward']:.1f} GFLOP per single-image forward."
+    )
+
+
+def _training_header(res: dict[str, Any]) -> str:
+    c = res["config"]
+    return f"Model: {c['model']}, {c['text_len']} text tokens, {c['dtype']} compute, fp32 master weights."
+
+
+def _conversion_header(res: dict[str, Any]) -> str:
+    c = res["config"]
+    return f"File: {c['tensors']} tensors, {c['gb']:.2f} GB ({c['dtype']}); converter: `{c['converter']}`."
+
+
+def render_markdown(results_dir: str = RESULTS) -> str:
+    """BENCHMARKS.md from every bench/results/*-<device>.json."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/run_all.sh` (`python bench/common.py --render`) from `bench/results/*.json`; "
+        "edit the scripts, not this file. How each figure is taken: `bench/README.md`.",
+        "",
+        "Targets (project issue): GPU (H100, SD3 Medium, 1024x1024, 28 steps, CFG): at least 1.3x diffusers' "
+        "throughput and MFU of the denoising loop >= 55%; GPU training step (SD3 Medium, 256x256): MFU >= "
+        "45%; "
+        "CPU: sd3_jax no slower than diffusers on the same small config.",
+        "",
+    ]
+    lines += _targets(results_dir)
+    lines += _section(results_dir, "matmul", "Matmul rate (MFU denominator)", MATMUL_COLS)
+    lines += _section(
+        results_dir, "sampling", "Sampling: MMDiT forward (one CFG step)", FORWARD_COLS, _sampling_header
+    )
+    # The loop rows live in the same file under "loop".
+    lines += _loop_section(results_dir)
+    lines += _section(results_dir, "training", "Training step", TRAIN_COLS, _training_header)
+    lines += _section(
+        results_dir,
+        "conversion",
+        "Conversion of a full-size SD3 Medium single file",
+        CONVERT_COLS,
+        _conversion_header,
+    )
+    lines += _compile_section(results_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _targets(results_dir: str) -> list[str]:
+    """One line per target: the measured figure and whether it is met, or that it was not measured."""
+    out = ["## Against the targets", ""]
+    samp = {"gpu": load_result(os.path.join(results_dir, "sampling-gpu.json"))}
+    train = {"gpu": load_result(os.path.join(results_dir, "training-gpu.json"))}
+    if samp["gpu"] is None:
+        out.append(
+            "- GPU sampling (>= 1.3x diffusers, loop MFU >= 55%): not measured in this session: no GPU "
+            "was lent."
+        )
+    else:
+        dev = samp["gpu"]["meta"]["device_kind"]
+        for r in samp["gpu"]["loop"]:
+            ok = r["ratio"] >= 1.3 and (r.get("jax_mfu_peak") or 0) >= 0.55
+            out.append(
+                f"- GPU sampling on {dev}, {r['images']} image(s): {r['ratio']:.2f}x diffusers, loop MFU "
+                f"{_pct(r.get('jax_mfu_peak'))} of the datasheet peak ({_pct(r.get('jax_mfu_matmul'))} of "
+                "the "
+                f"measured matmul rate): {'met' if ok else 'not met'}."
+            )
+    if train["gpu"] is None:
+        out.append(
+            "- GPU training step at 256 px (MFU >= 45%): not measured in this session: no GPU was lent."
+        )
+    else:
+        ok_rows = [
+            r
+            for r in train["gpu"]["results"]
+            if r["status"] == "ok" and r["framework"] == "sd3_jax" and r["size"] == 256
+        ]
+        best = max(ok_rows, key=lambda r: r["images_per_s"], default=None)
+        if best is None:
+            out.append("- GPU training step at 256 px: no batch size ran.")
+        else:
+            mfu = best.get("mfu_peak") or 0
+            out.append(
+                f"- GPU training step at 256 px on {train['gpu']['meta']['device_kind']}: best MFU "
+                f"{_pct(mfu)} (batch {best['batch']}, remat {best['remat']}): "
+                f"{'met' if mfu >= 0.45 else 'not met'}."
+            )
+    for sub, res in variants(results_dir, "sampling", "cpu"):
+        for r in res["loop"]:
+            verdict = "met" if r["ratio"] >= 1.0 else "not met"
+            out.append(
+                f"- {sub} sampling loop, {r['images']} image(s): diffusers takes {r['ratio']:.2f}x sd3_jax's "
+                f"time (minima: {r['ratio_min']:.2f}x): {verdict} (noisy: shared cores)."
+            )
+    for sub, res in variants(results_dir, "training", "cpu"):
+        rows = res["results"]
+        for j, t in zip(rows[::2], rows[1::2]):
+            ratio = t["step_s"] / j["step_s"]
+            verdict = "sd3_jax faster" if ratio >= 1.0 else "sd3_jax slower"
+            out.append(
+                f"- {sub} training step, batch {j['batch']} (a reference comparison, no stated target): "
+                "PyTorch "
+                f"takes {ratio:.2f}x sd3_jax's time (minima: {t['min_s'] / j['min_s']:.2f}x): {verdict} "
+                "(noisy: shared cores)."
+            )
+    return out + [""]
+
+
+def _loop_section(results_dir: str) -> list[str]:
+    out = ["## Sampling: the whole denoising loop (28 steps, CFG)", ""]
+    for device in ("gpu", "cpu"):
+        found = variants(results_dir, "sampling", device)
+        if not found and device == "gpu":
+            out += ["**GPU: not measured in this session: no GPU was lent.**", ""]
+        for sub, res in found:
+            out += [f"### {sub}", "", _sampling_header(res), ""]
+            out += [table(res["loop"], LOOP_COLS, markdown=True), ""]
+    return out + [f"What limits these figures: {LIMITS['sampling']}", ""]
+
+
+def _compile_section(results_dir: str) -> list[str]:
+    out = ["## Compile time of the sampling step (full presets, abstract shapes)", ""]
+    cols = [("preset", "preset"), ("lower_s", "lower s"), ("compile_s", "compile s")]
+    for device in ("gpu", "cpu"):
+        res = load_result(os.path.join(results_dir, f"compile-{device}.json"))
+        if res is None:
+            if device == "gpu":
+                out += ["**GPU: not measured in this session: no GPU was lent.**", ""]
+            continue
+        meta = res["meta"]
+        rows = [dict(preset=k, **v) for k, v in res["results"].items()]
+        out += [f"### {device.upper()}", "", f"Machine: {_machine_line(meta)}.", ""]
+        out += [table(rows, cols, markdown=True), ""]
+    return out + [f"What limits these figures: {LIMITS['compile']}", ""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Render BENCHMARKS.md from bench/results.")
+    ap.add_argument("--render", nargs="?", const=RESULTS, default=None, metavar="RESULTS_DIR")
+    ap.add_argument("--out", default=None, help="write here instead of stdout")
+    a = ap.parse_args()
+    if a.render is None:
+        ap.error("nothing to do: pass --render")
+    text = render_markdown(a.render)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

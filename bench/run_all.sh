@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs the benchmarks of one device preset, then regenerates BENCHMARKS.md from bench/results/*.json.
+#
+#   bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion]
+#
+# cpu (default): the small configs on this host, each script a few minutes at most; sampling and training
+#   run twice, each framework with its default threads and then both pinned to one thread.
+# gpu: the full SD3 Medium sizes on the first GPU (sampling at 1024 px, training sweeps at 256 and 512 px).
+# both: cpu, then gpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cpu
+CONVERSION=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --skip-conversion) CONVERSION=0; shift ;;
+    *) echo "usage: bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion]" >&2; exit 2 ;;
+  esac
+done
+case "$DEVICE" in
+  cpu) DEVICES=(cpu) ;;
+  gpu) DEVICES=(gpu) ;;
+  both) DEVICES=(cpu gpu) ;;
+  *) echo "--device must be cpu, gpu or both" >&2; exit 2 ;;
+esac
+
+if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
+
+for d in "${DEVICES[@]}"; do
+  if [[ "$d" == gpu ]]; then platform=cuda; else platform=cpu; fi
+  echo "== $d: matmul rate"
+  python bench/matmul.py --device "$d"
+  echo "== $d: sampling (forward and 28-step CFG loop)"
+  python bench/sampling.py --device "$d"
+  echo "== $d: training step"
+  python bench/training.py --device "$d"
+  if [[ "$CONVERSION" == 1 ]]; then
+    echo "== $d: conversion of a full-size SD3 Medium single file"
+    python bench/conversion.py --device "$d"
+  fi
+  if [[ "$d" == cpu ]]; then
+    # The same comparisons with both frameworks pinned to one thread: on a shared host this is the
+    # like-for-like figure (torch's OpenMP pool and XLA's Eigen pool both degrade when cores are taken).
+    echo "== cpu, one thread each: matmul, sampling, training"
+    python bench/matmul.py --device cpu --threads 1
+    python bench/sampling.py --device cpu --threads 1
+    python bench/training.py --device cpu --threads 1
+  fi
+  echo "== $d: compile time of the full presets"
+  JAX_PLATFORMS="$platform" python bench/compile.py --out "bench/results/compile-$d.json"
+done
+
+python bench/common.py --render --out BENCHMARKS.md
+echo "wrote BENCHMARKS.md"
