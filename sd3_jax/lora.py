@@ -1,9 +1,10 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) on the MMDiT's dense projections.
 
 An adapter on a kernel W (in axes..., out axes...) is a pair a (in..., r), b (r, out...); the network then
-uses W + s * (alpha / r) * a b (Hu et al. 2021, eq. (3): h = W0 x + (alpha / r) B A x), with s the strength
-it is applied at. Adapters on scanned blocks carry the same leading layer axis as the base kernels, so one
-adapter tree mirrors the params tree: `lora.params["blocks_0"]["attn"]["to_q"] = {"a", "b"}`.
+uses W + s * (alpha / r) * a b (Hu et al. 2021, eq. (3), h = W0 x + B A x, with the alpha / r scaling of
+their sec. 4.1), s the strength it is applied at. Adapters on scanned blocks carry the same leading layer
+axis as the base kernels, so an adapter tree mirrors the params tree:
+`lora.params["blocks_0"]["attn"]["to_q"] = {"a", "b"}`.
 
 Adapters are applied in weight space by `apply_lora`, a pure function of (base params, adapters) usable
 inside jit: sampling with several adapters at chosen strengths never touches the stored base. Training
@@ -14,6 +15,7 @@ differentiates through it with the base frozen (only the adapter tree is in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,9 +53,7 @@ class LoraConfig:
     rank: int = 16  # r, the inner width of a b
     alpha: float = 16.0  # the update is scaled by alpha / rank (peft's lora_alpha)
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module-path suffixes, e.g. "to_q", "ff_context/fc1"
-    init: str = (
-        "kaiming"  # a's init: "kaiming" (peft's default, U(+-1/sqrt(fan_in))) or "gaussian" (N(0, 1/r^2))
-    )
+    init: str = "kaiming"  # a's init: "kaiming" (peft's default) or "gaussian" (N(0, 1/r^2))
 
     def __post_init__(self):
         if self.rank < 1:
@@ -132,18 +132,37 @@ def _matches(path: Path, target: str) -> bool:
     return bool(parts) and path[-len(parts) :] == parts
 
 
+@functools.cache
+def _mmdit_modules() -> tuple[Path, ...]:
+    """The dense modules of an MMDiT with every block kind (joint, MMDiT-X dual, context-pre-only)."""
+    from sd3_jax.convert.mmdit import abstract_params
+    from sd3_jax.nn.mmdit import MMDiTConfig
+
+    return tuple(kernel_modules(abstract_params(MMDiTConfig.tiny(depth=2, dual_attention_layers=(0,)))))
+
+
 def lora_targets(base_params: Mapping[str, Any], targets: Sequence[str]) -> list[Path]:
-    """The module paths the targets select; raises naming any target that selects nothing."""
+    """The module paths the targets select.
+
+    A target naming a module this config lacks but other MMDiTs have (to_add_out on a one-block model,
+    attn2 without MMDiT-X blocks) selects nothing; one naming no MMDiT module at all raises, as does a
+    selection that comes out empty.
+    """
     modules = [p for p in kernel_modules(base_params) if p not in CONV_MODULES]
-    chosen, unmatched = [], []
+    chosen, unknown = [], []
     for t in targets:
         hits = [p for p in modules if _matches(p, t)]
-        if not hits:
-            unmatched.append(t)
+        if not hits and not any(_matches(p, t) for p in _mmdit_modules() if p not in CONV_MODULES):
+            unknown.append(t)
         chosen += [p for p in hits if p not in chosen]
-    if unmatched:
+    if unknown or not chosen:
         names = sorted({"/".join(p[1:] if p[0].startswith("blocks_") else p) for p in modules})
-        raise ValueError(f"LoRA targets {unmatched} match no dense module; modules are: {', '.join(names)}")
+        what = (
+            f"LoRA targets {unknown} match no dense module"
+            if unknown
+            else f"LoRA targets {list(targets)} select nothing"
+        )
+        raise ValueError(f"{what}; modules are: {', '.join(names)}")
     return sorted(chosen)
 
 
@@ -154,26 +173,31 @@ def lora_targets(base_params: Mapping[str, Any], targets: Sequence[str]) -> list
 def init_lora(key: jax.Array, base_params: Mapping[str, Any], cfg: LoraConfig) -> Lora:
     """A fresh adapter on the targeted kernels: a random as peft draws lora_A, b zeros (W is unchanged).
 
+    peft's default is torch's kaiming_uniform_(a=sqrt(5)) on lora_A (r, fan_in), i.e. U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)); "gaussian" is N(0, 1/r^2). All a's come from one draw (one random kernel to compile).
     `base_params` may hold arrays or ShapeDtypeStructs (only shapes and dtypes are read).
     """
-    params: dict[str, Any] = {}
-    for i, path in enumerate(lora_targets(base_params, cfg.targets)):
+    specs = []
+    for path in lora_targets(base_params, cfg.targets):
         kernel = _get(base_params, path)["kernel"]
         n_lead, n_in = layout(path)
-        lead, ins, outs = (
-            kernel.shape[:n_lead],
-            kernel.shape[n_lead : n_lead + n_in],
-            kernel.shape[n_lead + n_in :],
-        )
-        shape_a = (*lead, *ins, cfg.rank)
-        k = jax.random.fold_in(key, i)
-        if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, fan_in): bound 1 / sqrt(fan_in)
-            bound = 1.0 / math.sqrt(math.prod(ins))
-            a = jax.random.uniform(k, shape_a, kernel.dtype, -bound, bound)
-        else:
-            a = jax.random.normal(k, shape_a, kernel.dtype) / cfg.rank
-        b = jnp.zeros((*lead, cfg.rank, *outs), kernel.dtype)
-        _set(params, path, {"a": a, "b": b})
+        lead, ins = kernel.shape[:n_lead], kernel.shape[n_lead : n_lead + n_in]
+        shape_b = (*lead, cfg.rank, *kernel.shape[n_lead + n_in :])
+        specs.append((path, kernel, math.prod(ins), (*lead, *ins, cfg.rank), shape_b))
+    total = sum(math.prod(s[3]) for s in specs)
+    if cfg.init == "kaiming":
+        draw = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+    else:
+        draw = jax.random.normal(key, (total,), jnp.float32) / cfg.rank
+    params: dict[str, Any] = {}
+    offset = 0
+    for path, kernel, fan_in, shape_a, shape_b in specs:
+        n = math.prod(shape_a)
+        a = draw[offset : offset + n].reshape(shape_a)
+        offset += n
+        if cfg.init == "kaiming":
+            a = a / math.sqrt(fan_in)
+        _set(params, path, {"a": a.astype(kernel.dtype), "b": jnp.zeros(shape_b, kernel.dtype)})
     return Lora(params=params, scaling=cfg.scaling)
 
 
@@ -322,13 +346,16 @@ def _abstract_base(model_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def lora_state_shardings(
-    cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTransformation, mesh: Any, _base: Any = None
+    cfg: Any, lora_cfg: LoraConfig, tx: optax.GradientTransformation, mesh: Any, base: Any = None
 ) -> Any:
-    """NamedShardings of a LoRA TrainState: adapters by their logical names, optimizer moments likewise."""
-    from sd3_jax.sharding.mesh import tree_shardings
-    from sd3_jax.train.state import TrainState
+    """NamedShardings of a LoRA TrainState: adapters by their logical names, optimizer moments likewise.
 
-    abstract, boxed = _base or _abstract_base(cfg.model)
+    `base` is (abstract params, boxed abstract params) of cfg.model when the caller has them.
+    """
+    from sd3_jax.sharding.mesh import tree_shardings
+    from sd3_jax.train.state import TrainState  # deferred here and below, so that train/ may import us
+
+    abstract, boxed = base or _abstract_base(cfg.model)
     abstract_lora = jax.eval_shape(lambda k: init_lora(k, abstract, lora_cfg), jax.random.key(0))
     p_sh = tree_shardings(lora_logical_names(abstract_lora, boxed), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -37,7 +37,7 @@ import numpy as np
 from sd3_jax.convert.mapping import CheckpointError, Rule, Target, TensorSource, _fmt, open_tensors
 from sd3_jax.convert.mmdit import SAI_PREFIX, abstract_params, diffusers_rules, sai_rules
 from sd3_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
-from sd3_jax.lora import Lora, _get, _set, adapter_modules, layout
+from sd3_jax.lora import CONV_MODULES, Lora, _get, _set, adapter_modules, layout
 from sd3_jax.nn.mmdit import MMDiTConfig
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -66,11 +66,11 @@ def sites(cfg: MMDiTConfig, layout_name: str = "diffusers") -> list[Site]:
     rules = diffusers_rules(cfg) if layout_name == "diffusers" else sai_rules(cfg)
     out = []
     for r in rules:
-        (src,) = r.sources
-        if not src.endswith(".weight") or not all(t.path[-1] == "kernel" for t in r.targets):
+        src, kernels = r.sources[0], all(t.path[-1] == "kernel" for t in r.targets)
+        if len(r.sources) != 1 or not src.endswith(".weight") or not kernels:
             continue
         targets = tuple(Target(t.path[:-1], t.layer) for t in r.targets)
-        if any(t.path in (("pos_embed",),) for t in targets):  # the patch convolution
+        if any(t.path in CONV_MODULES for t in targets):  # the patch convolution
             continue
         out.append(Site(src[: -len(".weight")], r, targets))
     return out
@@ -129,9 +129,8 @@ def _factors_in(site: Site, A: np.ndarray, B: np.ndarray, abstract) -> list[tupl
     return out
 
 
-def _factors_out(site: Site, ab: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _factors_out(site: Site, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Our (a, b) of a one-target site -> torch A (r, in), B (out, r): the table run backwards."""
-    ((a, b),) = ab
     r = a.shape[-1]
     n = math.prod(a.shape[:-1])
     if r > n:
@@ -181,9 +180,10 @@ def _pattern(patterns: Mapping[str, Any], name: str) -> Any:
 def _alpha(
     site_key: str, site: Site, r: int, alphas: Mapping[str, np.ndarray], peft: Mapping[str, Any]
 ) -> float:
-    """alpha / r for one module (alpha / sqrt(r) with rsLoRA)."""
+    """alpha / r for one module (alpha / sqrt(r) with rsLoRA); kohya reads alpha 0 as alpha = r."""
     if site_key in alphas:
-        return float(np.asarray(alphas[site_key], np.float64).reshape(())) / r
+        alpha = float(np.asarray(alphas[site_key], np.float64).reshape(()))
+        return alpha / r if alpha else 1.0
     if not peft:
         return 1.0
     alpha = _pattern(peft.get("alpha_pattern") or {}, site.name)
@@ -221,14 +221,12 @@ def import_lora(source: Any, cfg: MMDiTConfig, ignore_text_encoders: bool = Fals
     src: TensorSource = open_tensors(path)
     aliases = _aliases(cfg)
     modules: dict[str, dict[str, str]] = {}
-    unknown, dropped = [], []
+    unknown = []
     for key in src.keys():
         parts = _split_key(key)
         if parts is not None and parts[0] in aliases:
             modules.setdefault(parts[0], {})[parts[1]] = key
-        elif ignore_text_encoders and key.startswith(TEXT_ENCODER_PREFIXES):
-            dropped.append(key)
-        else:
+        elif not (ignore_text_encoders and key.startswith(TEXT_ENCODER_PREFIXES)):
             unknown.append(key)
     if unknown:
         hint = (
@@ -291,8 +289,11 @@ def _stack(pieces: Mapping[Target, list[tuple[np.ndarray, np.ndarray]]], abstrac
 
 
 def lora_to_diffusers(lora: Lora, cfg: MMDiTConfig, prefix: str = "transformer.") -> dict[str, np.ndarray]:
-    """The adapter as a diffusers/peft state dict (`{prefix}{module}.lora_A.weight` (r, in), `.lora_B.weight`
-    (out, r)), alpha / r folded into lora_B."""
+    """The adapter as a diffusers/peft state dict, alpha / r folded into lora_B.
+
+    Keys are `{prefix}{module}.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), as diffusers'
+    `StableDiffusion3Pipeline.save_lora_weights` writes them.
+    """
     by_target = {(t.path, t.layer): s for s in sites(cfg, "diffusers") for t in s.targets}
     out: dict[str, np.ndarray] = {}
     for path, ab in adapter_modules(lora.params):
@@ -306,7 +307,7 @@ def lora_to_diffusers(lora: Lora, cfg: MMDiTConfig, prefix: str = "transformer."
                     f"LoRA module {'/'.join(path)} (layer {j}) has no diffusers name for MMDiT"
                 )
             aj, bj = (a, b) if j is None else (a[j], b[j])
-            A, B = _factors_out(site, [(aj, bj * np.float32(lora.scaling))])
+            A, B = _factors_out(site, aj, bj * np.float32(lora.scaling))
             out[f"{prefix}{site.name}.lora_A.weight"] = A
             out[f"{prefix}{site.name}.lora_B.weight"] = B
     return out

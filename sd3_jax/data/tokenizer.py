@@ -8,25 +8,44 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank (CLIP's rule)."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
 def clip_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
-    """Byte-level BPE vocabulary and merges: printable ASCII bytes (alone and word-final), merges that spell
-    `words`, then <|startoftext|> and <|endoftext|> last, as in CLIP's vocabulary (EOS has the top id)."""
+    """Byte-level BPE vocabulary and merges under which every word of `words` is one token: printable ASCII
+    bytes (alone and word-final), then merges, then <|startoftext|> and <|endoftext|> last, as in CLIP's
+    vocabulary (EOS has the top id). A merge is added for the first adjacent pair of a word's current
+    tokens until the word is whole, so merges learnt for one word cannot split another."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = [bytes_to_unicode()[b] for b in range(33, 127)]
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges: list[str] = []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            if f"{parts[0]} {parts[1]}" not in merges:
-                merges.append(f"{parts[0]} {parts[1]}")
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    words = list(dict.fromkeys(words))
+    changed = True
+    while changed:
+        changed = False
+        for word in words:
+            parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            if len(parts) > 1:
+                pair = (parts[0], parts[1])
+                ranks[pair] = len(merges)
+                merges.append(pair)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+                changed = True
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
+    return vocab, [f"{a} {b}" for a, b in merges]
 
 
 def make_clip_tokenizer(

@@ -37,7 +37,9 @@ def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, mask: Any = None) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; `mask` (a bool tree like params) limits training to some params."""
+    """AdamW with global-norm clipping; `mask` (a bool tree like params, or a function of params giving one)
+    limits training to some params. The position table is always frozen. Frozen params have no optimizer
+    state and get zero updates."""
     chain = []
     if cfg.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -45,9 +47,20 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, mask: Any = None) -> opta
         optax.adamw(learning_rate(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
     )
     tx = optax.chain(*chain)
-    if mask is not None:
-        tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, mask)
-    return tx
+
+    def labels(params):
+        keep = mask(params) if callable(mask) else mask
+        if keep is None:
+            keep = jax.tree.map(lambda _: True, params)
+        return jax.tree_util.tree_map_with_path(lambda path, k: bool(k) and not _frozen(path), keep)
+
+    return optax.multi_transform({True: tx, False: optax.set_to_zero()}, labels)
+
+
+def _frozen(path) -> bool:
+    """Params never trained: the MMDiT's sin-cos position table (a fixed buffer in both references)."""
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    return keys[-2:] == ("pos_embed", "pos_embed")
 
 
 def init_params(model_cfg: MMDiTConfig, key: jax.Array) -> Any:
