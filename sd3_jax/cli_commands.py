@@ -50,6 +50,12 @@ def _sample(a: argparse.Namespace) -> None:
         raise ValueError(f"--out must be a .png file, got {a.out}")
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, None: None}[a.dtype]
     pipe = SD3Pipeline.load(a.checkpoint, dtype=dtype, use_t5=not a.no_t5)
+    adapters = []
+    for spec in a.lora or []:
+        from sd3_jax.convert.lora import import_lora
+
+        path, _, strength = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+        adapters.append((import_lora(path, pipe.transformer_config), float(strength or 1.0)))
     images = pipe.generate(
         a.prompt,
         a.negative_prompt,
@@ -62,6 +68,7 @@ def _sample(a: argparse.Namespace) -> None:
         sampler=a.sampler,
         num_images_per_prompt=a.num_images,
         skip_guidance_layers=a.skip_layers or None,
+        adapters=adapters,
         progress=not a.no_progress,
     )
     base, ext = os.path.splitext(a.out)
@@ -139,6 +146,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: as stored")
     s.add_argument("--no-t5", action="store_true", help="sample without T5 (zeros in its place)")
+    s.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA (diffusers, kohya or ComfyUI layout) at a strength; repeatable",
+    )
     s.add_argument("--out", default="sample.png")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_sample)

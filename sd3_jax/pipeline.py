@@ -47,6 +47,7 @@ def denoise(
     cond: dict,
     uncond: dict | None,
     scale: jax.Array,
+    adapters: Sequence[Any] = (),
     *,
     config: MMDiTConfig,
     sampler: str,
@@ -56,8 +57,15 @@ def denoise(
     slg_start: float = 0.01,
     slg_stop: float = 0.2,
 ) -> jax.Array:
-    """The whole denoising loop: `sampler` over `sigmas` with CFG (and skip-layer guidance) on the MMDiT."""
+    """The whole denoising loop: `sampler` over `sigmas` with CFG (and skip-layer guidance) on the MMDiT.
+
+    `adapters` are (Lora, strength) pairs applied inside the jit, so the stored params never change.
+    """
     model = MMDiT(config)
+    if adapters:
+        from sd3_jax.lora import apply_lora
+
+        params = apply_lora(params, list(adapters))
 
     def model_fn(x, sigma, context, pooled, skip_layers=()):
         return model.apply({"params": params}, x, sigma, context, pooled, skip_layers=skip_layers)
@@ -236,6 +244,7 @@ class SD3Pipeline:
         strength: float = 0.6,
         output: str = "uint8",
         vae_tile: int | None = None,
+        adapters: Sequence[tuple[Any, float]] = (),
         progress: bool = True,
     ) -> np.ndarray:
         """Samples images for `prompt`.
@@ -256,6 +265,8 @@ class SD3Pipeline:
           image, strength: img2img from images (N, H, W, 3) uint8 or [0, 1] floats, noised to `strength`.
           output: "uint8" (N, H, W, 3), "float" ([0, 1] float32, before quantisation) or "latent".
           vae_tile: decode in tiles of this many latent pixels (bounded memory for large images).
+          adapters: LoRA adapters as (sd3_jax.lora.Lora, strength) pairs, applied without merging
+            (`sd3_jax.convert.lora.import_lora` reads diffusers, kohya and ComfyUI files).
         """
         d = self.defaults
         height, width = height or d["height"], width or d["width"]
@@ -322,6 +333,7 @@ class SD3Pipeline:
                 cond,
                 uncond,
                 jnp.float32(guidance_scale),
+                tuple((a, jnp.float32(w)) for a, w in adapters),
                 config=self.transformer_config,
                 sampler=sampler,
                 use_cfg=use_cfg,

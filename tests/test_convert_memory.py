@@ -39,8 +39,10 @@ def test_sd3_medium_converts_within_2gb_plus_largest_tensor(tmp_path):
     out = str(tmp_path / "ckpt")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sd3_jax.cli", "convert", src, "--out", out, "--no-progress"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     _, status, usage = os.wait4(proc.pid, 0)
     stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()

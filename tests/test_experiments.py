@@ -27,8 +27,21 @@ def test_demo_smoke_and_sample_cli(tmp_path, capsys):
     res = json.loads((out / "adherence.json").read_text())
     assert 0 <= res["seen"] <= 1 and 0 <= res["held_out"] <= 1
     png = tmp_path / "red.png"
-    assert main(["sample", "--checkpoint", str(out / "checkpoint"), "--prompt", "a red square in the top left",
-                 "--out", str(png), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(out / "checkpoint"),
+                "--prompt",
+                "a red square in the top left",
+                "--out",
+                str(png),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert Image.open(png).size == (demo.SIZE, demo.SIZE)
 
 

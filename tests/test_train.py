@@ -35,7 +35,17 @@ def steps(workdir: str) -> list[int]:
 
 def train_cmd(workdir: str, *overrides: str) -> list[str]:
     """`sd3-jax train` on the smoke config with `--set` overrides."""
-    cmd = [sys.executable, "-m", "sd3_jax.cli", "train", "--config", SMOKE, "--workdir", workdir, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sd3_jax.cli",
+        "train",
+        "--config",
+        SMOKE,
+        "--workdir",
+        workdir,
+        "--no-progress",
+    ]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
