@@ -1,4 +1,4 @@
-"""Lower and compile time of the MMDiT forward for each full preset, on abstract shapes (no weights in memory).
+"""Lower and compile time of the MMDiT forward for each full preset, on abstract shapes (no weights).
 
     python bench/compile.py [--presets sd3_medium,sd35_medium,sd35_large] [--size 1024] [--batch 2]
         [--out bench/results/compile.json]

@@ -110,7 +110,7 @@ def features(images: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (FID's)."""
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits (FID's)."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     w, v = np.linalg.eigh(sa)
@@ -128,7 +128,7 @@ def real_images(captions: Sequence[str], seed: int = 0) -> np.ndarray:
 
 
 def evaluate(params, model_cfg, form_name: str, text, n: int = 64, **kw) -> dict[str, float]:
-    """Adherence on seen and held-out prompts, and the pixel Frechet distance to real images of the prompts."""
+    """Adherence on seen and held-out prompts, and the pixel Frechet distance to real images of them."""
     out = {}
     fake_all, caps_all = [], []
     for split in ("seen", "held_out"):

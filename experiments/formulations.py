@@ -20,6 +20,7 @@ import dataclasses
 import os
 
 import common
+
 from sd3_jax import demo
 
 RUNS = {

@@ -14,6 +14,7 @@ import dataclasses
 import os
 
 import common
+
 from sd3_jax import demo
 
 STEPS = (1, 2, 4, 8, 16, 25, 50)
@@ -44,7 +45,7 @@ def main(argv=None) -> dict:
         if a.smoke:
             cfg = common.with_model(dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps), depth=1)
         params, _ = common.run(cfg, os.path.join(work, folder))
-        held = lambda **kw: common.evaluate(params, cfg.model, form, text, n=n, **kw)
+        held = lambda p=params, c=cfg.model, f=form, **kw: common.evaluate(p, c, f, text, n=n, **kw)
         by_steps = {s: held(steps=s) for s in step_grid}
         by_shift = {s: held(shift=s) for s in shift_grid}
         results[name] = {"steps": by_steps, "shift": by_shift}

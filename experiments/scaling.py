@@ -14,6 +14,7 @@ import dataclasses
 import os
 
 import common
+
 from sd3_jax import demo
 from sd3_jax.flops import mmdit_forward_flops
 

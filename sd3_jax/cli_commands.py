@@ -7,7 +7,7 @@ import os
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, on by default for the CLI (SD3_JAX_CACHE to move, "" to disable)."""
+    """JAX's persistent compilation cache, on by default for the CLI (SD3_JAX_CACHE moves it, "" disables)."""
     import jax
 
     path = os.environ.get("SD3_JAX_CACHE", os.path.expanduser("~/.cache/sd3_jax/jax"))

@@ -140,7 +140,7 @@ def prepare(text: TextEncoders, prefix: str, n: int, seed: int) -> None:
 
 
 def write_checkpoint(out: str, params, text: TextEncoders, tok_dir: str) -> None:
-    """An sd3-jax checkpoint: transformer, the two CLIPs, tokenizers, identity autoencoder, sampling defaults."""
+    """An sd3-jax checkpoint: transformer, two CLIPs, tokenizers, identity autoencoder, sampling defaults."""
     from sd3_jax.convert.orbax_io import (
         atomic_directory,
         config_to_json,

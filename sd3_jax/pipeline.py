@@ -160,7 +160,8 @@ class SD3Pipeline:
         missing = [c for c in needed if c not in have]
         if missing:
             raise ValueError(
-                f"{ckpt_dir}: checkpoint lacks {', '.join(missing)}; convert a full pipeline (transformer, VAE, "
+                f"{ckpt_dir}: checkpoint lacks {', '.join(missing)}; convert a full pipeline (transformer, "
+                "VAE, "
                 "CLIP-L and CLIP-G, optionally T5, with tokenizers) to sample"
             )
         t_sh = None
@@ -259,7 +260,8 @@ class SD3Pipeline:
           steps, guidance_scale, shift: schedule length, CFG scale (<= 1 disables CFG), SD3 shift (None: the
             checkpoint's scheduler's, 3.0 for SD3).
           seed: draws the initial latents (or the img2img noise) unless `latents` is given.
-          latents: (N, H/8, W/8, 16) initial noise (H/f, W/f for a VAE of factor f), N = prompts x num_images_per_prompt.
+          latents: (N, H/8, W/8, 16) initial noise (H/f, W/f for a VAE of factor f),
+            N = prompts x num_images_per_prompt.
           sampler: "euler" or "dpmpp_2m".
           skip_guidance_layers, skip_layer_guidance_*: skip-layer guidance (SD3.5 Medium uses (7, 8, 9)).
           image, strength: img2img from images (N, H, W, 3) uint8 or [0, 1] floats, noised to `strength`.

@@ -1,4 +1,4 @@
-"""Checkpoint conversion: PyTorch layouts (diffusers, Stability single files, transformers) to params and back."""
+"""Checkpoint conversion: PyTorch layouts (diffusers, Stability single files, transformers) and back."""
 
 from sd3_jax.convert.mapping import CheckpointError, open_tensors
 from sd3_jax.convert.mmdit import export_mmdit, load_mmdit

@@ -130,7 +130,8 @@ def _guess_bare(src: TensorSource) -> str:
         return "text_encoder" if src.shape(name)[1] <= 768 else "text_encoder_2"
     sample = ", ".join(sorted(keys)[:5]) or "no tensors"
     raise CheckpointError(
-        f"{src.description}: unsupported architecture: not an SD3 transformer, VAE, CLIP or T5 (found {sample})"
+        f"{src.description}: unsupported architecture: not an SD3 transformer, VAE, CLIP or T5 "
+        f"(found {sample})"
     )
 
 

@@ -175,7 +175,7 @@ class _DictReader:
 
 
 def open_tensors(source: Any) -> TensorSource:
-    """A TensorSource over a dict, a `.safetensors` file, a diffusers index json, or a folder holding those."""
+    """A TensorSource over a dict, a `.safetensors` file, a diffusers index json, or a folder of those."""
     if isinstance(source, TensorSource):
         return source
     if isinstance(source, Mapping):
@@ -309,7 +309,8 @@ def iter_params(
             if value is None or tuple(value.shape) != shape:
                 got = ", ".join(f"{s} {tuple(a.shape)}" for s, a in zip(r.sources, arrays))
                 raise CheckpointError(
-                    f"{what}: shape mismatch for {got}; the model expects {_expected_source_shapes(r, abstract)} "
+                    f"{what}: shape mismatch for {got}; the model expects "
+                    f"{_expected_source_shapes(r, abstract)} "
                     f"(param {'/'.join(t.path)} {shape})"
                 )
             if t.layer is None:

@@ -110,7 +110,7 @@ def _split_qkv(path: tuple[str, ...], names: tuple[str, str, str], j: int, hk, s
 
 
 def sai_rules(cfg: MMDiTConfig) -> list[Rule]:
-    """The table for Stability's single-file names (`mmditx.py`), without the `model.diffusion_model.` prefix."""
+    """The table for Stability's single-file names (`mmditx.py`), without the `model.diffusion_model.`."""
     hk = (cfg.num_heads, cfg.head_dim)
     swap_t = lambda w: swap_halves(w).T
     t_swap = lambda k: swap_halves(k.T)
@@ -189,7 +189,8 @@ def detect_layout(src: TensorSource) -> tuple[str, TensorSource]:
         return "diffusers", src
     sample = ", ".join(sorted(keys)[:5]) or "no tensors"
     raise CheckpointError(
-        f"{src.description}: not an SD3 MMDiT checkpoint (no x_embedder/pos_embed.proj weights; found {sample})"
+        f"{src.description}: not an SD3 MMDiT checkpoint (no x_embedder/pos_embed.proj weights; "
+        f"found {sample})"
     )
 
 
@@ -337,8 +338,9 @@ def load_mmdit(source: Any, dtype: Any = None, **overrides: Any) -> tuple[MMDiTC
     """Loads an MMDiT checkpoint into (config, params) with numpy leaves.
 
     Args:
-      source: a Stability single-file `.safetensors` (keys under `model.diffusion_model.` or bare), a diffusers
-        model folder, its `transformer/` folder or `.safetensors`, or a dict of arrays in either naming.
+      source: a Stability single-file `.safetensors` (keys under `model.diffusion_model.` or bare), a
+        diffusers model folder, its `transformer/` folder or `.safetensors`, or a dict of arrays in either
+        naming.
       dtype: cast every tensor to this dtype; by default the file's dtype is kept.
       **overrides: MMDiTConfig fields that win over the inferred ones (e.g. attention, remat).
     """

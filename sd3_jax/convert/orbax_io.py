@@ -1,7 +1,7 @@
 """The sd3-jax checkpoint: one Orbax directory per component, written leaf by leaf and atomically.
 
     CKPT/
-      sd3_jax.json            manifest, written last: format, components (kind, config, dtype, sizes), scheduler
+      sd3_jax.json            manifest, written last: format, components (kind, config, dtype), scheduler
       transformer/ vae/ text_encoder/ text_encoder_2/ text_encoder_3/   Orbax PyTree checkpoints of params
       tokenizer/ tokenizer_2/ tokenizer_3/                                tokenizer files, copied as they are
 
@@ -99,7 +99,7 @@ def restore_params(directory: str, abstract: Any, dtype: Any = None, shardings: 
       directory: the component directory inside a checkpoint.
       abstract: a tree of ShapeDtypeStructs (the model's `jax.eval_shape` params).
       dtype: dtype to restore in; None keeps the stored dtype of each param.
-      shardings: a tree of `jax.sharding.Sharding` like `abstract`; None puts everything on the default device.
+      shardings: a tree of `jax.sharding.Sharding` like `abstract`; None: everything on the default device.
     """
     import orbax.checkpoint as ocp
 

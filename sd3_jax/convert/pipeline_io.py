@@ -197,7 +197,7 @@ def _stream(params, rules, abstract, prefix: str):
 
 
 def export(ckpt: str, fmt: str, out: str) -> list[str]:
-    """Writes an sd3-jax checkpoint to a diffusers folder (`fmt="diffusers"`) or one Stability file ("sai")."""
+    """Writes an sd3-jax checkpoint to a diffusers folder (fmt "diffusers") or one Stability file ("sai")."""
     import jax
 
     if fmt not in ("diffusers", "sai"):

@@ -124,9 +124,9 @@ def write_safetensors(
 ) -> None:
     """Writes tensors to `path` atomically (a temporary file renamed into place).
 
-    `tensors` may be a mapping or an iterator of (name, array). With `shapes` (name -> (shape, dtype)) given up
-    front, the header is written first and tensors are streamed one at a time in that order, so the iterator
-    never needs to hold more than one array.
+    `tensors` may be a mapping or an iterator of (name, array). With `shapes` (name -> (shape, dtype)) given
+    up front, the header is written first and tensors are streamed one at a time in that order, so the
+    iterator never needs to hold more than one array.
     """
     path = os.fspath(path)
     items: Iterator[tuple[str, np.ndarray]]

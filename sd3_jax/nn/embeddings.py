@@ -88,7 +88,7 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepTextEmbed(nn.Module):
-    """Conditioning vector: MLP(sinusoid(1000 t)) + MLP(pooled text) (diffusers `CombinedTimestepTextProj`)."""
+    """Conditioning vector MLP(sinusoid(1000 t)) + MLP(pooled text) (diffusers `CombinedTimestepTextProj`)."""
 
     features: int  # model width D
     freq_dim: int = 256  # sinusoid features of the timestep
