@@ -4,7 +4,7 @@
 
 The same code path as full SD3: the MMDiT, the rectified-flow loss with logit-normal timesteps and
 per-encoder text dropout, the sharded trainer with Orbax checkpoints, prepared ArrayRecord data, and the
-jitted sampler. Scaled down: 32x32 images in pixel space (an identity autoencoder, recorded in the
+jitted sampler. Scaled down: 16x16 images in pixel space (an identity autoencoder, recorded in the
 checkpoint), two small frozen random CLIP text encoders (no T5) over a tokenizer built from the caption
 vocabulary. Writes demo_out/: samples.png (held-out prompts), loss.png, metrics, and checkpoint/, which
 `sd3-jax sample --checkpoint demo_out/checkpoint --prompt "a red square in the top left"` uses.
@@ -32,7 +32,8 @@ from sd3_jax.sharding.mesh import MeshConfig
 from sd3_jax.text import Encoder, TextEncoders
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig
 
-SIZE = 32  # image side in pixels
+SIZE = 16  # image side in pixels
+PATCH = 2  # pixels per patch side: 64 image tokens
 TEXT_LEN = 12  # CLIP tokens: "a red circle in the top left" is 9 with BOS and EOS
 WIDTH = 64  # width of each CLIP
 SAMPLING = dict(height=SIZE, width=SIZE, steps=25, guidance_scale=4.0, max_sequence_length=0, shift=1.0)
@@ -51,13 +52,13 @@ def model_config() -> MMDiTConfig:
         depth=4,
         num_heads=2,
         head_dim=64,
-        patch_size=4,
+        patch_size=PATCH,
         in_channels=3,
         out_channels=3,
         context_dim=2 * WIDTH,
         pooled_dim=2 * WIDTH,
         sample_size=SIZE,
-        pos_embed_max_size=SIZE // 4,
+        pos_embed_max_size=SIZE // PATCH,
     )
 
 
