@@ -135,6 +135,7 @@ class SD3Pipeline:
         self.name = name
         # Sampling defaults of this model (a checkpoint's "sampling" entry); arguments left None take them.
         self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.mesh = None  # set by load(mesh=...): inputs are then replicated over it
 
     @classmethod
     def load(
@@ -150,7 +151,8 @@ class SD3Pipeline:
         Args:
           ckpt_dir: an sd3-jax checkpoint (`sd3-jax convert`).
           dtype: params and compute dtype (None: as stored).
-          mesh: shard the MMDiT and T5 over this mesh by their logical axis names; None: one device.
+          mesh: shard the MMDiT over this mesh by its logical axis names (the VAE and text encoders are
+            replicated over it); None: one device.
           use_t5: load T5 (False saves its memory; its tokens are then zeros, as in diffusers).
           attention: the MMDiT attention backend.
         """
@@ -180,8 +182,15 @@ class SD3Pipeline:
         else:
             v_cfg, v_params = load_component(ckpt_dir, "vae", dtype)
         text = _load_text(ckpt_dir, have, dtype, use_t5, t_cfg.context_dim)
+        if mesh is not None:
+            # The small models are replicated over the mesh, so every jitted call sees one device set.
+            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            v_params = jax.device_put(v_params, rep)
+            for e in (text.clip_l, text.clip_g, text.t5):
+                if e is not None:
+                    object.__setattr__(e, "params", jax.device_put(e.params, rep))
         name = os.path.basename(os.path.normpath(ckpt_dir))
-        return cls(
+        pipe = cls(
             (t_cfg, t_params),
             (v_cfg, v_params),
             text,
@@ -189,6 +198,8 @@ class SD3Pipeline:
             name,
             manifest.get("sampling"),
         )
+        pipe.mesh = mesh
+        return pipe
 
     def encode_prompt(self, prompt, negative_prompt=None, **kw):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled), as diffusers' pipeline."""
@@ -327,6 +338,9 @@ class SD3Pipeline:
 
             bar = tqdm(total=len(sigmas) - 1, desc="sample", unit="step", dynamic_ncols=True)
             _BAR[:] = [bar]
+        if self.mesh is not None:
+            rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            latents, cond, uncond = jax.device_put((latents, cond, uncond), rep)
         try:
             z = denoise(
                 self.transformer_params,

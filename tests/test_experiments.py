@@ -43,6 +43,23 @@ def test_demo_smoke_and_sample_cli(tmp_path, capsys):
         == 0
     )
     assert Image.open(png).size == (demo.SIZE, demo.SIZE)
+    # Preference tuning of that checkpoint runs end to end too.
+    import dpo
+
+    res = dpo.main(
+        [
+            "--checkpoint",
+            str(out / "checkpoint"),
+            "--out",
+            str(tmp_path / "dpo"),
+            "--steps",
+            "2",
+            "--pairs",
+            "16",
+        ]
+    )
+    assert set(res["before"]) == set(res["after"]) == {"seen", "held_out"}
+    assert (tmp_path / "dpo" / "results.json").exists()
 
 
 @pytest.mark.parametrize("study", ["formulations", "scaling", "sampling"])
