@@ -39,12 +39,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="experiments/results/formulations")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--examples", type=int, default=8192)
-    ap.add_argument("--runs", default="", help="comma-separated subset of the run names (default: all)")
+    ap.add_argument("--runs", default="", help="semicolon-separated subset of the run names (default: all)")
     ap.add_argument("--smoke", action="store_true", help="a few steps per run, under a minute in all")
     a = ap.parse_args(argv)
     steps, examples, n_eval, runs = a.steps, a.examples, 64, RUNS
     if a.runs:
-        runs = {k: RUNS[k] for k in a.runs.split(",")}
+        runs = {k: RUNS[k] for k in a.runs.split(";")}
     if a.smoke:
         steps, examples, n_eval = 2, 64, 4
         runs = {k: RUNS[k] for k in ("rf/logit_normal(0,1)", "eps/linear", "edm")}
