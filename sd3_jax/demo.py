@@ -29,7 +29,7 @@ from sd3_jax.data.tokenizer import make_clip_tokenizer
 from sd3_jax.nn.clip import CLIPConfig, CLIPTextEncoder
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import MeshConfig
-from sd3_jax.text import Encoder, TextEncoders
+from sd3_jax.text import Encoder, TextEncoders, _clip_apply
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig
 
 SIZE = 16  # image side in pixels
@@ -105,13 +105,10 @@ def encode_examples(
     text: TextEncoders, images: np.ndarray, captions: list[str]
 ) -> list[dict[str, np.ndarray]]:
     """Per-example training arrays: pixels in [-1, 1] as latents and each CLIP's states and pooled vector."""
-    ids = {}
     out = {}
     for which in ("clip_l", "clip_g"):
         enc = getattr(text, which)
         ids = text._tokenize(which, enc.tokenizer, captions, TEXT_LEN)
-        from sd3_jax.text import _clip_apply
-
         hidden, pooled = _clip_apply(enc.params, jnp.asarray(ids), config=enc.config, dtype=None, skip=0)
         out[which], out["pooled_" + which[-1]] = np.asarray(hidden), np.asarray(pooled)
     lat = images.astype(np.float32) / 127.5 - 1.0

@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# A tiny diffusers SD3Transformer2DModel config (the parity, layout and LoRA tests share it).
+TINY_MMDIT = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20,
+    pos_embed_max_size=12,
+)  # fmt: skip
+
 
 def randomize_(module, seed: int = 0, std: float = 0.1) -> None:
     """Overwrites every parameter of a torch module with random, never-zero values (in place).

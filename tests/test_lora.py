@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MMDIT as TINY
 from conftest import assert_close_rel, randomize_, torch_state_dict_numpy
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
@@ -36,19 +37,6 @@ from sd3_jax.sharding.mesh import logical_to_spec, make_mesh
 from sd3_jax.train.config import OptimConfig, TrainConfig
 from sd3_jax.train.state import make_optimizer
 
-TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    out_channels=4,
-    num_layers=3,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    caption_projection_dim=32,
-    pooled_projection_dim=20,
-    pos_embed_max_size=12,
-)
 SD35_STYLE = dict(TINY, qk_norm="rms_norm", dual_attention_layers=(0, 1))
 PEFT_TARGETS = [  # diffusers' SD3 LoRA scripts target these, plus the MLPs
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MMDIT as TINY
 from conftest import assert_close_rel, randomize_, torch_state_dict_numpy
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
@@ -17,19 +18,6 @@ from sd3_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 from sd3_jax.nn.embeddings import sincos_2d_table
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
 
-TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    out_channels=4,
-    num_layers=3,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    caption_projection_dim=32,
-    pooled_projection_dim=20,
-    pos_embed_max_size=12,
-)
 SD3_STYLE = dict(TINY)
 SD35_STYLE = dict(TINY, qk_norm="rms_norm", dual_attention_layers=(0, 1))
 

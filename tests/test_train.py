@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from sd3_jax.sharding.mesh import MeshConfig
 from sd3_jax.train.config import TrainConfig, apply_overrides, load_config
+from sd3_jax.train.data import make_source
 from sd3_jax.train.loop import TrainingDiverged, read_metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +129,7 @@ def test_nan_stops_without_touching_last_good_checkpoint(tmp_path):
     last = mngr.latest_step()
     assert last is not None
     restored = mngr.restore(last, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    leaves = __import__("jax").tree.leaves(restored.state["params"])
+    leaves = jax.tree.leaves(restored.state["params"])
     assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
@@ -220,14 +222,13 @@ def test_remat_policies_give_the_same_loss_and_grads(policy):
     """Rematerialisation changes memory, not math: same loss and gradients as no remat."""
     import dataclasses
 
-    import jax
     import jax.numpy as jnp
 
     from sd3_jax.train.state import init_params
     from sd3_jax.train.step import batch_loss
 
     cfg = smoke("compute_dtype=float32")
-    src = __import__("sd3_jax.train.data", fromlist=["x"]).make_source(cfg)
+    src = make_source(cfg)
     batch = {k: jnp.asarray(np.stack([src[i][k] for i in range(4)])) for k in src[0]}
     params = init_params(cfg.model, jax.random.key(0))
     t = jnp.array([0.1, 0.4, 0.6, 0.9])

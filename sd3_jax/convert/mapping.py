@@ -332,13 +332,7 @@ def _leaves(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, 
 
 
 def _expected_source_shapes(r: Rule, abstract: Mapping[str, Any]) -> str:
-    outs = []
-    for t in r.targets:
-        want = _get(abstract, t.path)
-        shape = tuple(want.shape) if t.layer is None else tuple(want.shape[1:])
-        outs.append(np.zeros(shape, np.float32))
-    srcs = r.backward(*outs)
-    return ", ".join(f"{s} {tuple(a.shape)}" for s, a in zip(r.sources, srcs))
+    return ", ".join(f"{name} {shape}" for name, shape in source_shapes([r], abstract).items())
 
 
 def source_shapes(rules: Sequence[Rule], abstract: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -65,10 +65,6 @@ def config_from_json(cls: type, d: Mapping[str, Any], **overrides: Any) -> Any:
     return cls(**kw)
 
 
-def _flat_key(path: tuple[str, ...]) -> dict[str, Any]:
-    return path
-
-
 def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     tree: Any = value
     for p in reversed(path):
