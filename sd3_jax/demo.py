@@ -137,7 +137,9 @@ def prepare(text: TextEncoders, prefix: str, n: int, seed: int) -> None:
     write_records(prefix, gen(), num_shards=1)
 
 
-def write_checkpoint(out: str, params, text: TextEncoders, tok_dir: str) -> None:
+def write_checkpoint(
+    out: str, params, text: TextEncoders, tok_dir: str, model_cfg: MMDiTConfig | None = None
+) -> None:
     """An sd3-jax checkpoint: transformer, two CLIPs, tokenizers, identity autoencoder, sampling defaults."""
     from sd3_jax.convert.orbax_io import (
         atomic_directory,
@@ -154,7 +156,7 @@ def write_checkpoint(out: str, params, text: TextEncoders, tok_dir: str) -> None
     comps = {}
     with atomic_directory(out) as tmp:
         for name, kind, cfg, p in (
-            ("transformer", "mmdit", model_config(), params),
+            ("transformer", "mmdit", model_cfg or model_config(), params),
             ("text_encoder", "clip", text.clip_l.config, text.clip_l.params),
             ("text_encoder_2", "clip", text.clip_g.config, text.clip_g.params),
         ):

@@ -9,6 +9,7 @@ and counted.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -30,6 +31,41 @@ def _source(data: str) -> Any:
     return open_source(data)
 
 
+def checkpoint_encoders(
+    ckpt: str, max_sequence_length: int = 256, what: str = "prepare"
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[list[str]], dict[str, np.ndarray]]]:
+    """(encode_images, encode_captions) with the autoencoder and text encoders of an sd3-jax checkpoint.
+
+    encode_images: (B, H, W, 3) in [-1, 1] -> scaled latents (B, h, w, C), as the MMDiT sees them.
+    encode_captions: captions -> {clip_l, clip_g (penultimate states), pooled_l, pooled_g[, t5]}, batched.
+    """
+    from sd3_jax.pipeline import _load_text, encode
+
+    manifest = read_manifest(ckpt)
+    have = manifest["components"]
+    for c in ("vae", "text_encoder", "text_encoder_2"):
+        if c not in have:
+            raise ValueError(f"{ckpt}: checkpoint lacks {c}, which {what} needs")
+    if have["vae"]["kind"] == "identity":
+        v_cfg, v_params = IdentityAEConfig(**have["vae"]["config"]), None
+    else:
+        v_cfg, v_params = load_component(ckpt, "vae")
+    text = _load_text(ckpt, have, None, True, 4096)
+
+    def encode_images(images: np.ndarray) -> np.ndarray:
+        return np.asarray(encode(v_params, jnp.asarray((images + 1) / 2), config=v_cfg))
+
+    def encode_captions(captions: list[str]) -> dict[str, np.ndarray]:
+        l_states, l_pooled = text._clip("clip_l", list(captions), 1, None)
+        g_states, g_pooled = text._clip("clip_g", list(captions), 1, None)
+        rec = {"clip_l": l_states, "clip_g": g_states, "pooled_l": l_pooled, "pooled_g": g_pooled}
+        if text.t5 is not None:
+            rec["t5"] = text._t5(list(captions), 1, max_sequence_length)
+        return {k: np.asarray(v) for k, v in rec.items()}
+
+    return encode_images, encode_captions
+
+
 def prepare_dataset(
     data: str,
     ckpt: str,
@@ -40,35 +76,12 @@ def prepare_dataset(
     max_sequence_length: int = 256,
 ) -> dict[str, Any]:
     """Encodes `data` (image folder, .jsonl, or "shapes:N") with the VAE and text encoders of `ckpt`."""
-    from sd3_jax.pipeline import _load_text, encode
-
-    manifest = read_manifest(ckpt)
-    have = manifest["components"]
-    for c in ("vae", "text_encoder", "text_encoder_2"):
-        if c not in have:
-            raise ValueError(f"{ckpt}: checkpoint lacks {c}, which prepare needs")
-    if have["vae"]["kind"] == "identity":
-        v_cfg, v_params = IdentityAEConfig(**have["vae"]["config"]), None
-    else:
-        v_cfg, v_params = load_component(ckpt, "vae")
-    text = _load_text(ckpt, have, None, True, 4096)
+    encode_images, encode_captions = checkpoint_encoders(ckpt, max_sequence_length)
     if os.path.exists(out + ".json"):
         raise FileExistsError(f"{out}.json already exists; choose another --out")
 
     def encode_fn(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
-        lat = encode(v_params, jnp.asarray((images + 1) / 2), config=v_cfg)
-        l_states, l_pooled = text._clip("clip_l", list(captions), 1, None)
-        g_states, g_pooled = text._clip("clip_g", list(captions), 1, None)
-        rec = {
-            "latents": lat,
-            "clip_l": l_states,
-            "clip_g": g_states,
-            "pooled_l": l_pooled,
-            "pooled_g": g_pooled,
-        }
-        if text.t5 is not None:
-            rec["t5"] = text._t5(list(captions), 1, max_sequence_length)
-        return {k: np.asarray(v) for k, v in rec.items()}
+        return {"latents": encode_images(images), **encode_captions(captions)}
 
     return prepare(
         _source(data),

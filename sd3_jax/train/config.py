@@ -9,6 +9,7 @@ import sys
 import typing
 from typing import Any
 
+from sd3_jax.lora import LoraConfig
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import MeshConfig
 
@@ -31,8 +32,10 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    kind: str = "synthetic"  # synthetic (random latents/embeddings), prepared (ArrayRecord shards), shapes
-    path: str = ""  # prefix of prepared shards
+    # synthetic (random latents/embeddings), prepared (ArrayRecord shards), pairs (a JSONL of preference
+    # pairs for objective="dpo", see sd3_jax.train.dpo.PairsSource)
+    kind: str = "synthetic"
+    path: str = ""  # prefix of prepared shards, or the pairs JSONL
     num_examples: int = 256  # synthetic: dataset size
     latent_size: int = 8  # synthetic: latent side
     text_len: int = 4  # synthetic: tokens per CLIP stream and T5
@@ -43,8 +46,8 @@ class DataConfig:
     shuffle: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("synthetic", "prepared", "shapes"):
-            raise ValueError(f"data.kind must be synthetic, prepared or shapes, got {self.kind!r}")
+        if self.kind not in ("synthetic", "prepared", "shapes", "pairs"):
+            raise ValueError(f"data.kind must be synthetic, prepared, shapes or pairs, got {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,15 @@ class TrainConfig:
     eval_every: int = 50  # validation loss every N steps (0: never)
     eval_timesteps: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed t for the validation loss
     init_from: str = ""  # sd3-jax checkpoint directory to fine-tune from ("" trains from scratch)
+    # Fine-tuning through a LoRA adapter: adapter="lora" trains `lora` on the frozen init_from transformer
+    # (only the adapter is in the optimizer state and the checkpoints; the trained EMA adapter is written
+    # to WORKDIR/lora/pytorch_lora_weights.safetensors in diffusers' layout). objective="dpo" trains it
+    # with Diffusion-DPO on data.kind="pairs", the frozen init_from transformer as the reference, weight
+    # dpo_beta.
+    adapter: str = ""  # "" (train the whole MMDiT) or "lora"
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    objective: str = "denoise"  # "denoise" (the formulation's loss) or "dpo"
+    dpo_beta: float = 2000.0
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: look up by device kind
 
     def __post_init__(self):
@@ -81,8 +93,27 @@ class TrainConfig:
             raise ValueError(f"timesteps {self.timesteps!r} unknown")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError("batch_size must be >= 1 and steps >= 0")
+        if self.adapter not in ("", "lora"):
+            raise ValueError(f"adapter {self.adapter!r} unknown; expected '' or 'lora'")
+        if self.objective not in ("denoise", "dpo"):
+            raise ValueError(f"objective {self.objective!r} unknown; expected 'denoise' or 'dpo'")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"compute_dtype {self.compute_dtype!r} unknown")
+
+
+def check_finetune(cfg: TrainConfig) -> None:
+    """Raises ValueError when the adapter, objective, data and init_from settings do not go together."""
+    if cfg.adapter == "lora" and not cfg.init_from:
+        raise ValueError("adapter='lora' needs init_from: the sd3-jax checkpoint whose transformer it adapts")
+    if cfg.objective == "dpo":
+        if cfg.adapter != "lora":
+            raise ValueError("objective='dpo' trains through a LoRA adapter: set adapter='lora'")
+        if cfg.data.kind != "pairs":
+            raise ValueError(
+                f"objective='dpo' reads preference pairs: set data.kind='pairs', not {cfg.data.kind!r}"
+            )
+    elif cfg.data.kind == "pairs":
+        raise ValueError("data.kind='pairs' is for objective='dpo'")
 
 
 def load_config(path: str) -> Any:

@@ -8,6 +8,7 @@ it. The grain iterator's state is a small JSON blob, saved with every checkpoint
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,7 +71,35 @@ def make_source(cfg: TrainConfig, split: str = "train") -> Any:
 
         path = d.path if split == "train" else d.path + "-val"
         return PreparedSource(path)
+    if d.kind == "pairs":
+        return None if split == "val" else pairs_source(cfg)
     raise ValueError(f"data.kind {d.kind!r} has no latent source (shapes data is prepared first)")
+
+
+def pairs_source(cfg: TrainConfig) -> Any:
+    """The preference pairs of data.path; captions and images without precomputed files are encoded with
+    the text encoders and autoencoder of cfg.init_from, loaded on first use."""
+    from sd3_jax.train.dpo import PairsSource
+
+    encoders: list[Any] = []
+
+    def get():
+        if not encoders:
+            from sd3_jax.prepare import checkpoint_encoders
+
+            encoders.extend(checkpoint_encoders(cfg.init_from, what="data.kind='pairs'"))
+        return encoders
+
+    def encode_text(caption: str) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in get()[1]([caption]).items()}
+
+    def encode_image(image: np.ndarray) -> np.ndarray:
+        return get()[0](image[None].astype(np.float32) / 127.5 - 1.0)[0]
+
+    have = bool(cfg.init_from)
+    if not os.path.isfile(cfg.data.path):
+        raise ValueError(f"data.path {cfg.data.path!r}: no such pairs file")
+    return PairsSource(cfg.data.path, encode_text if have else None, encode_image if have else None)
 
 
 class _Prefix:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sd3_jax.flops import mmdit_forward_flops, peak_flops
 from sd3_jax.sharding.mesh import activation_rules, make_mesh
 from sd3_jax.train import data as train_data
-from sd3_jax.train.config import TrainConfig
+from sd3_jax.train.config import TrainConfig, check_finetune
 from sd3_jax.train.state import TrainState, create_state, make_optimizer, state_shardings
 from sd3_jax.train.step import eval_loss, train_step
 
@@ -98,26 +98,73 @@ def _with_checkpoint_model(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def _load_init_params(cfg: TrainConfig) -> Any:
+def _load_init_params(cfg: TrainConfig, mesh=None) -> Any:
+    """The init_from transformer's fp32 params (sharded by the rules on `mesh` when given)."""
     from sd3_jax.convert.mmdit import abstract_params
     from sd3_jax.convert.orbax_io import read_manifest, restore_params
 
     manifest = read_manifest(cfg.init_from)
     if "transformer" not in manifest["components"]:
         raise ValueError(f"{cfg.init_from}: checkpoint has no transformer to fine-tune")
-    return restore_params(os.path.join(cfg.init_from, "transformer"), abstract_params(cfg.model), jnp.float32)
+    shardings = None
+    if mesh is not None:
+        from sd3_jax.sharding.mesh import tree_shardings
+
+        shardings = tree_shardings(abstract_params(cfg.model, boxed=True), mesh)
+    return restore_params(
+        os.path.join(cfg.init_from, "transformer"), abstract_params(cfg.model), jnp.float32, shardings
+    )
+
+
+def _step_fns(cfg: TrainConfig, tx, shardings, base):
+    """(jitted step(state, batch, rng), jitted eval(ema_params, batch, ts, key)) for the configured run."""
+    from sd3_jax.lora import apply_lora, lora_train_step
+    from sd3_jax.train.dpo import dpo_train_step
+
+    jit_step = lambda f: jax.jit(f, out_shardings=(shardings, None), donate_argnums=0)
+    if cfg.adapter != "lora":
+        step = jit_step(functools.partial(train_step, cfg, tx))
+        return step, jax.jit(functools.partial(eval_loss, cfg))
+    if cfg.objective == "dpo":
+        inner = functools.partial(dpo_train_step, cfg, tx, beta=cfg.dpo_beta)
+    else:
+        inner = functools.partial(lora_train_step, cfg, tx)
+    step = jit_step(lambda state, batch, rng, base: inner(state, batch, rng, base))
+    evaluate = jax.jit(
+        lambda lora, batch, ts, key, base: eval_loss(cfg, apply_lora(base, [(lora, 1.0)]), batch, ts, key)
+    )
+    return (
+        lambda state, batch, rng: step(state, batch, rng, base),
+        lambda lora, batch, ts, key: evaluate(lora, batch, ts, key, base),
+    )
+
+
+def export_adapter(cfg: TrainConfig, lora: Any, workdir: str) -> str | None:
+    """Writes the trained adapter to WORKDIR/lora/ in diffusers' layout (process 0); returns the file."""
+    from jax.experimental import multihost_utils
+
+    from sd3_jax.convert.lora import export_lora_diffusers
+
+    host = multihost_utils.process_allgather(lora) if jax.process_count() > 1 else jax.device_get(lora)
+    if jax.process_index() != 0:
+        return None
+    return export_lora_diffusers(host, cfg.model, os.path.join(workdir, "lora"))
 
 
 def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
     """Trains for cfg.steps steps in `workdir`, resuming from its latest complete checkpoint."""
     import orbax.checkpoint as ocp
 
+    from sd3_jax.lora import create_lora_state, lora_state_shardings
+
+    check_finetune(cfg)
     os.makedirs(workdir, exist_ok=True)
     if cfg.init_from:
         cfg = _with_checkpoint_model(cfg)
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.steps)
-    shardings = state_shardings(cfg, tx, mesh)
+    lora = cfg.adapter == "lora"
+    shardings = lora_state_shardings(cfg, cfg.lora, tx, mesh) if lora else state_shardings(cfg, tx, mesh)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints,
         enable_async_checkpointing=cfg.async_checkpoints,
@@ -126,16 +173,23 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
     init_key, step_rng = jax.random.split(jax.random.key(cfg.seed))
     it = train_data.make_iterator(train_data.make_source(cfg), cfg.batch_size, cfg.seed, cfg.data.shuffle)
-    val = (
-        train_data.fixed_batches(train_data.make_source(cfg, "val"), cfg.batch_size) if cfg.eval_every else []
-    )
+    val_source = train_data.make_source(cfg, "val") if cfg.eval_every else None
+    val = train_data.fixed_batches(val_source, cfg.batch_size) if val_source is not None else []
 
     start = mngr.latest_step()
     with mesh_context(mesh):
+        # A LoRA run keeps the init_from transformer frozen beside the state; a full run starts from it.
+        base = _load_init_params(cfg, mesh) if lora else None
+
+        def fresh(params=None):
+            if lora:
+                return create_lora_state(cfg, cfg.lora, tx, mesh, init_key)
+            return create_state(cfg, tx, mesh, init_key, params)
+
         if start is not None:
             abstract = jax.tree.map(
                 lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                jax.eval_shape(lambda: create_state(cfg, tx, mesh, init_key)),
+                jax.eval_shape(fresh),
                 shardings,
             )
             restored = mngr.restore(
@@ -148,13 +202,9 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
             it.set_state(restored.data["iterator"])
         else:
             start = 0
-            params = _load_init_params(cfg) if cfg.init_from else None
-            state = create_state(cfg, tx, mesh, init_key, params)
+            state = fresh(_load_init_params(cfg) if cfg.init_from and not lora else None)
         metrics_out = MetricsWriter(workdir, start)
-        step_fn = jax.jit(
-            functools.partial(train_step, cfg, tx), out_shardings=(shardings, None), donate_argnums=0
-        )
-        eval_fn = jax.jit(functools.partial(eval_loss, cfg))
+        step_fn, eval_fn = _step_fns(cfg, tx, shardings, base)
         ts = jnp.asarray(cfg.eval_timesteps, jnp.float32)
 
         flops = None
@@ -181,9 +231,11 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
         for step in range(start + 1, cfg.steps + 1):
             batch = global_batch(mesh, next(it))
             if flops is None:
-                _, lh, lw, _ = batch["latents"].shape
+                _, lh, lw, _ = batch["latents" if "latents" in batch else "latents_w"].shape
                 text_len = batch["clip_l"].shape[1] + (batch["t5"].shape[1] if "t5" in batch else 0)
-                flops = 3 * mmdit_forward_flops(cfg.model, lh, lw, text_len, cfg.batch_size)
+                # DPO: forward and backward of the policy and a forward of the reference, on both images.
+                per = 8 if cfg.objective == "dpo" else 3
+                flops = per * mmdit_forward_flops(cfg.model, lh, lw, text_len, cfg.batch_size)
             state, m = step_fn(state, batch, step_rng)
             if pending is not None:
                 metrics_out.write({"step": pending[0], "loss": check(*pending)})
@@ -195,7 +247,7 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
                 t_last, s_last = now, step
                 rec = {
                     "step": step,
-                    "grad_norm": float(m["grad_norm"]),
+                    **{k: float(v) for k, v in m.items() if k != "loss"},
                     "steps_per_s": sps,
                     "images_per_s": sps * cfg.batch_size,
                 }
@@ -231,4 +283,6 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
         mngr.wait_until_finished()
         if bar is not None:
             bar.close()
+        if lora:
+            export_adapter(cfg, state.ema_params, workdir)
     return state
