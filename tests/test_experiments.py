@@ -43,23 +43,16 @@ def test_demo_smoke_and_sample_cli(tmp_path, capsys):
         == 0
     )
     assert Image.open(png).size == (demo.SIZE, demo.SIZE)
-    # Preference tuning of that checkpoint runs end to end too.
+    # Preference tuning of that checkpoint through the trainer runs end to end too, with both kinds of pairs.
     import dpo
 
-    res = dpo.main(
-        [
-            "--checkpoint",
-            str(out / "checkpoint"),
-            "--out",
-            str(tmp_path / "dpo"),
-            "--steps",
-            "2",
-            "--pairs",
-            "16",
-        ]
-    )
-    assert set(res["before"]) == set(res["after"]) == {"seen", "held_out"}
-    assert (tmp_path / "dpo" / "results.json").exists()
+    for kind in ("colour", "judged"):
+        args = ["--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / kind), "--pairs", kind]
+        res = dpo.main(args + ["--steps", "1", "--n", "8", "--batch-size", "4"])
+        assert set(res["before"]) == set(res["after"]) == {"seen", "held_out"}
+        assert res["pair_counts"]["pairs"] >= 4 and res["log"][0]["step"] == 1
+        assert (tmp_path / kind / "results.json").exists()
+        assert (tmp_path / kind / "work" / "train" / "lora" / "pytorch_lora_weights.safetensors").exists()
 
 
 @pytest.mark.parametrize("study", ["formulations", "scaling", "sampling"])
