@@ -31,6 +31,11 @@ FORMS = {
 }
 
 
+def study_config(steps: int, prefix: str, **kw) -> TrainConfig:
+    """The demo's training config for the studies, with the paper's per-encoder text dropout of 46.4%."""
+    return dataclasses.replace(demo.train_config(steps, prefix), text_dropout=0.464, **kw)
+
+
 def data(root: str, examples: int, seed: int = 0):
     """Prepared shapes records (shared by every run of a study) and the frozen text encoders."""
     text = demo.text_encoders(os.path.join(root, "tokenizers"), seed)

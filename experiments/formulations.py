@@ -21,8 +21,6 @@ import os
 
 import common
 
-from sd3_jax import demo
-
 RUNS = {
     "rf/uniform": dict(formulation="rectified_flow", timesteps="uniform"),
     "rf/logit_normal(0,1)": dict(formulation="rectified_flow", timesteps="logit_normal"),
@@ -51,7 +49,7 @@ def main(argv=None) -> dict:
     text, prefix = common.data(os.path.join(a.out, "work"), examples)
     results = {}
     for name, kw in runs.items():
-        cfg = dataclasses.replace(demo.train_config(steps, prefix), eval_every=0, **kw)
+        cfg = common.study_config(steps, prefix, eval_every=0, **kw)
         if a.smoke:
             cfg = common.with_model(dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps), depth=1)
         params, metrics = common.run(cfg, os.path.join(a.out, "work", name.replace("/", "_")))

@@ -15,8 +15,6 @@ import os
 
 import common
 
-from sd3_jax import demo
-
 STEPS = (1, 2, 4, 8, 16, 25, 50)
 SHIFTS = (0.5, 1.0, 2.0, 3.0, 6.0)
 
@@ -40,7 +38,7 @@ def main(argv=None) -> dict:
         ("eps/linear", "ldm_linear", "uniform", "eps_linear"),
     ):
         cfg = dataclasses.replace(
-            demo.train_config(steps, prefix), formulation=form, timesteps=density, eval_every=0
+            common.study_config(steps, prefix), formulation=form, timesteps=density, eval_every=0
         )
         if a.smoke:
             cfg = common.with_model(dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps), depth=1)

@@ -25,22 +25,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--depths", default="2,4,6,8")
     ap.add_argument("--examples", type=int, default=8192)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     depths = [int(d) for d in a.depths.split(",")]
-    steps, examples, batch = a.steps, a.examples, 32
+    steps, examples, batch = a.steps, a.examples, a.batch_size
     if a.smoke:
         steps, examples, batch, depths = 2, 64, 8, [1, 2]
     text, prefix = common.data(os.path.join(a.out, "work"), examples)
     curves, results = {}, {}
     for depth in depths:
-        base = demo.train_config(steps, prefix)
+        base = common.study_config(steps, prefix)
         model = base.model.replace(depth=depth, num_heads=depth, head_dim=64)
         cfg = dataclasses.replace(
             base, model=model, batch_size=batch, eval_every=max(steps // 5, 1), checkpoint_every=steps
         )
         _, metrics = common.run(cfg, os.path.join(a.out, "work", f"depth{depth}"))
-        per_step = 3 * mmdit_forward_flops(model, demo.SIZE, demo.SIZE, 2 * demo.TEXT_LEN, batch)
+        per_step = 3 * mmdit_forward_flops(model, demo.SIZE, demo.SIZE, demo.TEXT_LEN, batch)
         evals = [(m["step"] * per_step, m["val_loss"]) for m in metrics if m.get("kind") == "eval"]
         curves[f"depth {depth} (width {64 * depth})"] = evals
         results[depth] = {
