@@ -3,12 +3,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
 
 .PHONY: test demo lint clean
 
-$(STAMP): pyproject.toml
+# The package alone: what `make demo` needs.
+$(BASE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(BASE_STAMP)
+
+# The test extra too: PyTorch references, diffusers, peft, ruff.
+$(STAMP): $(BASE_STAMP)
 	# The CPU build of torch lies on disk for this version; any other version pulls a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -21,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check sd3_jax tests bench experiments
 	$(BIN)/ruff format --check sd3_jax tests bench experiments
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(BIN)/python -m sd3_jax.demo --out demo_out
 
 clean:
