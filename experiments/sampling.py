@@ -17,6 +17,7 @@ import common
 
 STEPS = (1, 2, 4, 8, 16, 25, 50)
 SHIFTS = (0.5, 1.0, 2.0, 3.0, 6.0)
+SCALES = (1.0, 1.5, 2.0, 4.0, 7.0)  # classifier-free guidance
 
 
 def main(argv=None) -> dict:
@@ -25,11 +26,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", default="", help="the formulations study's work folder, to reuse its models")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--examples", type=int, default=8192)
+    ap.add_argument("--cfg", type=float, default=1.0, help="guidance scale of the steps and shift sweeps")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
-    steps, examples, n, step_grid, shift_grid = a.steps, a.examples, 64, STEPS, SHIFTS
+    steps, examples, n, step_grid, shift_grid, scale_grid = a.steps, a.examples, 64, STEPS, SHIFTS, SCALES
     if a.smoke:
-        steps, examples, n, step_grid, shift_grid = 2, 64, 4, (1, 2), (1.0, 3.0)
+        steps, examples, n, step_grid, shift_grid, scale_grid = 2, 64, 4, (1, 2), (1.0, 3.0), (1.0, 4.0)
     work = a.models or os.path.join(a.out, "work")
     text, prefix = common.data(work, examples)
     results = {}
@@ -43,14 +45,19 @@ def main(argv=None) -> dict:
         if a.smoke:
             cfg = common.with_model(dataclasses.replace(cfg, batch_size=8, checkpoint_every=steps), depth=1)
         params, _ = common.run(cfg, os.path.join(work, folder))
-        held = lambda p=params, c=cfg.model, f=form, **kw: common.evaluate(p, c, f, text, n=n, **kw)
+
+        def held(p=params, c=cfg.model, f=form, **kw):
+            return common.evaluate(p, c, f, text, n=n, **{"cfg_scale": a.cfg, **kw})
+
         by_steps = {s: held(steps=s) for s in step_grid}
         by_shift = {s: held(shift=s) for s in shift_grid}
-        results[name] = {"steps": by_steps, "shift": by_shift}
+        by_cfg = {s: held(cfg_scale=s) for s in scale_grid}
+        results[name] = {"steps": by_steps, "shift": by_shift, "cfg": by_cfg}
         print(
             name,
             {s: round(r["held_out"], 2) for s, r in by_steps.items()},
             {s: round(r["held_out"], 2) for s, r in by_shift.items()},
+            {s: round(r["held_out"], 2) for s, r in by_cfg.items()},
             flush=True,
         )
     common.save_json(os.path.join(a.out, "results.json"), {"train_steps": steps, "runs": results})
@@ -58,7 +65,7 @@ def main(argv=None) -> dict:
         {f"{k}: held-out": [(s, r["held_out"]) for s, r in v["steps"].items()] for k, v in results.items()}
         | {f"{k}: seen": [(s, r["seen"]) for s, r in v["steps"].items()] for k, v in results.items()},
         os.path.join(a.out, "steps.png"),
-        "adherence vs Euler steps",
+        f"adherence vs Euler steps (shift 1, cfg {a.cfg:g})",
         "steps",
         "adherence",
         logx=True,
@@ -66,10 +73,18 @@ def main(argv=None) -> dict:
     common.line_plot(
         {f"{k}: held-out": [(s, r["held_out"]) for s, r in v["shift"].items()] for k, v in results.items()},
         os.path.join(a.out, "shift.png"),
-        "adherence vs timestep shift (25 steps)",
+        f"adherence vs timestep shift (25 steps, cfg {a.cfg:g})",
         "shift",
         "adherence",
         logx=True,
+    )
+    common.line_plot(
+        {f"{k}: held-out": [(s, r["held_out"]) for s, r in v["cfg"].items()] for k, v in results.items()}
+        | {f"{k}: seen": [(s, r["seen"]) for s, r in v["cfg"].items()] for k, v in results.items()},
+        os.path.join(a.out, "cfg.png"),
+        "adherence vs classifier-free guidance scale (25 steps, shift 1)",
+        "guidance scale",
+        "adherence",
     )
     return results
 
