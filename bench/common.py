@@ -555,6 +555,7 @@ def render_markdown(results_dir: str = RESULTS) -> str:
     # The loop rows live in the same file under "loop".
     lines += _loop_section(results_dir)
     lines += _section(results_dir, "training", "Training step", TRAIN_COLS, _training_header)
+    lines += _profile_section(results_dir)
     lines += _section(
         results_dir,
         "conversion",
@@ -641,6 +642,30 @@ def _loop_section(results_dir: str) -> list[str]:
             out += [f"### {sub}", "", _sampling_header(res), ""]
             out += [table(res["loop"], LOOP_COLS, markdown=True), ""]
     return out + [f"What limits these figures: {LIMITS['sampling']}", ""]
+
+
+def _profile_section(results_dir: str) -> list[str]:
+    """The CPU backward profile of bench/profile_train.py: variants tried, then time by op kind."""
+    out = ["## Training step on CPU: where the backward's time goes", ""]
+    found = sorted(glob.glob(os.path.join(results_dir, "profile-train-cpu*.json")))
+    if not found:
+        return out + ["(no results yet: `python bench/profile_train.py --threads 1`)", ""]
+    res = load_result(found[-1])
+    cols = [(k, k) for k in ("variant", "forward_s", "grad_s", "grad_over_forward")]
+    out += [f"Machine: {_machine_line(res['meta'])}.", ""]
+    out += [
+        f"The small network, batch {res['batch']}, fp32: `jax.grad` of an MSE loss against the forward "
+        "(minimum of repeats), for each variant tried:",
+        "",
+        table(res["results"], cols, markdown=True),
+        "",
+        "One profiler trace of the default gradient, XLA's thunks summed by op kind (ms per call, both "
+        "worker threads together):",
+        "",
+        table(res["op_kinds"], [(k, k) for k in ("op kind", "ms / call", "share")], markdown=True),
+        "",
+    ]
+    return out
 
 
 def _compile_section(results_dir: str) -> list[str]:
