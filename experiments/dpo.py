@@ -10,7 +10,7 @@ checkpoint's own text encoders):
   judged  on-policy pairs labelled by the shapes checker, as Diffusion-DPO is used: the demo model samples
           each prompt K times; the rejected image is a sample the checker rejects, the preferred one a
           sample it accepts (a clean render when none of the K passes).
-Reports the checker's adherence before and after, on the same 64 seen and 64 held-out prompts and seeds
+Reports the checker's adherence before and after, on the same 128 seen and 128 held-out prompts and seeds
 (not the prompts the pairs were made from). Result: see experiments/README.md.
 """
 
@@ -34,12 +34,13 @@ from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig
 from sd3_jax.train.loop import read_metrics, train
 
 EVAL_SEED = 4321
+EVAL_PROMPTS = 128  # per split
 
 
 def adherence(pipe, adapters=()) -> dict[str, float]:
     res = {}
     for split in ("seen", "held_out"):
-        caps = shapes.prompts(split, 64, seed=EVAL_SEED)
+        caps = shapes.prompts(split, EVAL_PROMPTS, seed=EVAL_SEED)
         imgs = pipe.generate(caps, seed=EVAL_SEED, progress=False, adapters=adapters)
         res[split] = shapes.adherence(imgs, caps)
     return res

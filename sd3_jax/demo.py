@@ -215,19 +215,22 @@ def plot_losses(metrics: list[dict], path: str) -> None:
     img.save(path)
 
 
-def grid(images: np.ndarray, captions: list[str], path: str, cols: int = 8, scale: int = 4) -> None:
+def grid(images: np.ndarray, captions: list[str], path: str, cols: int = 8, scale: int = 6) -> None:
+    """The images in a grid, each over its caption in two lines ('yellow square' / 'bottom left')."""
     from PIL import Image, ImageDraw
 
     n = len(images)
     rows = (n + cols - 1) // cols
-    cell = SIZE * scale
-    img = Image.new("RGB", (cols * cell, rows * (cell + 24)), "white")
+    cell, label, gap = SIZE * scale, 26, 4
+    img = Image.new("RGB", (cols * (cell + gap), rows * (cell + label)), "white")
     d = ImageDraw.Draw(img)
     for i, (im, cap) in enumerate(zip(images, captions)):
         r, c = divmod(i, cols)
-        img.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (c * cell, r * (cell + 24)))
-        words = cap.removeprefix("a ").replace(" in the ", " ")
-        d.text((c * cell + 2, r * (cell + 24) + cell + 2), words[:22], fill="black")
+        x, y = c * (cell + gap), r * (cell + label)
+        img.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (x, y))
+        what, _, where = cap.removeprefix("a ").partition(" in the ")
+        d.text((x + 2, y + cell + 1), what, fill="black")
+        d.text((x + 2, y + cell + 13), where, fill="black")
     img.save(path)
 
 
