@@ -38,7 +38,12 @@ def main(argv=None) -> dict:
         base = common.study_config(steps, prefix)
         model = base.model.replace(depth=depth, num_heads=depth, head_dim=64)
         cfg = dataclasses.replace(
-            base, model=model, batch_size=batch, eval_every=max(steps // 5, 1), checkpoint_every=steps
+            base,
+            model=model,
+            batch_size=batch,
+            eval_every=max(steps // 6, 1),
+            checkpoint_every=steps,
+            optim=dataclasses.replace(base.optim, warmup_steps=max(steps // 10, 1)),
         )
         _, metrics = common.run(cfg, os.path.join(a.out, "work", f"depth{depth}"))
         per_step = 3 * mmdit_forward_flops(model, demo.SIZE, demo.SIZE, demo.TEXT_LEN, batch)

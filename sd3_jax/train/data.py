@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,10 +79,15 @@ def make_source(cfg: TrainConfig, split: str = "train") -> Any:
 
 def pairs_source(cfg: TrainConfig) -> Any:
     """The preference pairs of data.path; captions and images without precomputed files are encoded with
-    the text encoders and autoencoder of cfg.init_from, loaded on first use."""
+    the text encoders and autoencoder of cfg.init_from, loaded on first use.
+
+    grain reads examples from several threads, and tokenizers are not thread-safe: one lock serialises
+    the encoders (loading them included).
+    """
     from sd3_jax.train.dpo import PairsSource
 
     encoders: list[Any] = []
+    lock = threading.Lock()
 
     def get():
         if not encoders:
@@ -91,10 +97,12 @@ def pairs_source(cfg: TrainConfig) -> Any:
         return encoders
 
     def encode_text(caption: str) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in get()[1]([caption]).items()}
+        with lock:
+            return {k: v[0] for k, v in get()[1]([caption]).items()}
 
     def encode_image(image: np.ndarray) -> np.ndarray:
-        return get()[0](image[None].astype(np.float32) / 127.5 - 1.0)[0]
+        with lock:
+            return get()[0](image[None].astype(np.float32) / 127.5 - 1.0)[0]
 
     have = bool(cfg.init_from)
     if not os.path.isfile(cfg.data.path):
