@@ -152,3 +152,22 @@ def test_finetune_settings_that_do_not_go_together_raise(base):
     assert apply_overrides(cfg, ["lora.rank=8", "lora.targets=to_q,fc2"]).lora == LoraConfig(
         rank=8, alpha=4.0, targets=("to_q", "fc2")
     )
+
+
+def test_pairs_read_from_many_threads_equal_sequential_reads(base, tmp_path):
+    """grain reads examples from a thread pool; encoding captions and images must not race."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd3_jax.train.data import make_source
+
+    root, _ = base
+    pairs = write_pairs(tmp_path / "pairs", n=24)
+    cfg = dataclasses.replace(lora_cfg(root, 1), data=DataConfig(kind="pairs", path=pairs), objective="dpo")
+    src = make_source(cfg)
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(src.__getitem__, range(len(src))))
+    for i, got in enumerate(parallel):
+        want = src[i]
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"item {i} {k}")
