@@ -83,7 +83,7 @@ def op_kinds(grad, params, calls: int = 3) -> dict[str, float]:
     for _ in range(calls):
         jax.block_until_ready(grad(params))
     jax.profiler.stop_trace()
-    (path,) = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))[-1:]
+    path = max(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
     kinds: collections.Counter = collections.Counter()
     for plane in _profile_data.ProfileData.from_file(path).planes:
         for line in plane.lines:

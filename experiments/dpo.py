@@ -38,12 +38,8 @@ EVAL_PROMPTS = 128  # per split
 
 
 def adherence(pipe, adapters=()) -> dict[str, float]:
-    res = {}
-    for split in ("seen", "held_out"):
-        caps = shapes.prompts(split, EVAL_PROMPTS, seed=EVAL_SEED)
-        imgs = pipe.generate(caps, seed=EVAL_SEED, progress=False, adapters=adapters)
-        res[split] = shapes.adherence(imgs, caps)
-    return res
+    res = demo.evaluate(pipe, EVAL_PROMPTS, EVAL_SEED, adapters)
+    return {split: res[split] for split in ("seen", "held_out")}
 
 
 def colour_pairs(n: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:

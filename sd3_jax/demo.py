@@ -234,12 +234,13 @@ def grid(images: np.ndarray, captions: list[str], path: str, cols: int = 8, scal
     img.save(path)
 
 
-def evaluate(pipe, n: int = 64, seed: int = 1234) -> dict[str, float]:
-    """The checker's prompt adherence on n seen and n held-out prompts (fixed seeds)."""
+def evaluate(pipe, n: int = 64, seed: int = 1234, adapters=()) -> dict[str, float]:
+    """The checker's prompt adherence on n seen and n held-out prompts (fixed seeds), with `adapters`
+    ((Lora, strength) pairs) applied while sampling."""
     out = {}
     for split in ("seen", "held_out"):
         caps = shapes.prompts(split, n, seed=seed)
-        imgs = pipe.generate(caps, seed=seed, progress=False)
+        imgs = pipe.generate(caps, seed=seed, progress=False, adapters=adapters)
         out[split] = shapes.adherence(imgs, caps)
         out[split + "_images"] = (imgs, caps)
     return out

@@ -409,8 +409,7 @@ def lora_train_step(
 
     The loss is `batch_loss` at params apply_lora(base, [(lora, 1)]); gradients flow to the adapter only.
     """
-    from sd3_jax.train.state import TrainState
-    from sd3_jax.train.step import batch_loss, sample_t
+    from sd3_jax.train.step import apply_gradients, batch_loss, sample_t
 
     key = jax.random.fold_in(rng, state.step)
     k_t, k_noise, k_drop = jax.random.split(key, 3)
@@ -423,9 +422,4 @@ def lora_train_step(
         return jnp.mean(batch_loss(cfg, apply_lora(base, [(lora, 1.0)]), batch, t, noise, k_drop))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    d = cfg.ema_decay
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params) if d > 0 else params
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    return apply_gradients(cfg, tx, state, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -35,7 +35,7 @@ import optax
 from sd3_jax.lora import Lora, apply_lora
 from sd3_jax.train.config import TrainConfig
 from sd3_jax.train.state import TrainState
-from sd3_jax.train.step import batch_loss, sample_t
+from sd3_jax.train.step import apply_gradients, batch_loss, sample_t
 
 TEXT_KEYS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")  # "t5" may be left out (no T5 tokens)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -122,12 +122,7 @@ def dpo_train_step(
         return dpo_terms(cfg, lora, ref_params, batch, t, noise, beta)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    d = cfg.ema_decay
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params) if d > 0 else params
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    return apply_gradients(cfg, tx, state, grads), {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 # ---------------------------------------------------------------------------------------------------------

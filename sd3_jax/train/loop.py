@@ -129,7 +129,7 @@ def _step_fns(cfg: TrainConfig, tx, shardings, base):
         inner = functools.partial(dpo_train_step, cfg, tx, beta=cfg.dpo_beta)
     else:
         inner = functools.partial(lora_train_step, cfg, tx)
-    step = jit_step(lambda state, batch, rng, base: inner(state, batch, rng, base))
+    step = jit_step(inner)
     evaluate = jax.jit(
         lambda lora, batch, ts, key, base: eval_loss(cfg, apply_lora(base, [(lora, 1.0)]), batch, ts, key)
     )
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
             it.set_state(restored.data["iterator"])
         else:
             start = 0
-            state = fresh(_load_init_params(cfg) if cfg.init_from and not lora else None)
+            state = fresh(_load_init_params(cfg, mesh) if cfg.init_from and not lora else None)
         metrics_out = MetricsWriter(workdir, start)
         step_fn, eval_fn = _step_fns(cfg, tx, shardings, base)
         ts = jnp.asarray(cfg.eval_timesteps, jnp.float32)

@@ -97,12 +97,19 @@ def train_step(
         return jnp.mean(batch_loss(cfg, params, batch, t, noise, k_drop))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return apply_gradients(cfg, tx, state, grads), metrics
+
+
+def apply_gradients(
+    cfg: TrainConfig, tx: optax.GradientTransformation, state: TrainState, grads: Any
+) -> TrainState:
+    """The optimizer update of `state.params` by `grads`, then the EMA of the params (0: no EMA)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = cfg.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params) if d > 0 else params
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def eval_loss(
