@@ -224,6 +224,19 @@ def test_convert_export_round_trip_bitwise(tiny, tmp_path):
     StableDiffusion3Pipeline.from_pretrained(str(out))
 
 
+def test_load_from_a_relative_path(tiny, monkeypatch):
+    """A checkpoint named relative to the working directory loads the same params (orbax alone finds no
+    metadata under a relative path)."""
+    import jax
+
+    root, _ = tiny
+    absolute = SD3Pipeline.load(str(root / "ckpt_t51"))
+    monkeypatch.chdir(root)
+    relative = SD3Pipeline.load("ckpt_t51")
+    for a, b in zip(jax.tree.leaves(absolute.transformer_params), jax.tree.leaves(relative.transformer_params)):
+        assert np.array_equal(a, b)
+
+
 def test_bad_input(tiny, tmp_path, capsys):
     root, _ = tiny
     # Corrupt / truncated file.

@@ -100,7 +100,7 @@ def restore_params(directory: str, abstract: Any, dtype: Any = None, shardings: 
     import orbax.checkpoint as ocp
 
     ckpt = ocp.StandardCheckpointer()
-    state = os.path.join(directory, "state")
+    state = os.path.join(os.path.abspath(directory), "state")  # orbax finds no metadata under relative paths
     stored = ckpt.metadata(state).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None:
