@@ -19,15 +19,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 
 import common
+import jax
 import numpy as np
 from PIL import Image
 
 from sd3_jax import demo
 from sd3_jax.convert.lora import import_lora
 from sd3_jax.data import shapes
+from sd3_jax.data.records import write_records
 from sd3_jax.lora import LoraConfig
 from sd3_jax.pipeline import SD3Pipeline
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig
@@ -37,9 +40,77 @@ EVAL_SEED = 4321
 EVAL_PROMPTS = 128  # per split
 
 
-def adherence(pipe, adapters=()) -> dict[str, float]:
+def mislabel(caption: str, p: float, rng: np.random.Generator) -> str:
+    """With probability p, the caption with its colour word swapped for another colour (uniformly among
+    those that keep the combination a seen one, so no held-out combination enters training)."""
+    (spec,) = shapes.parse_caption(caption)
+    if rng.random() >= p:
+        return caption
+    held = shapes.holdout_combos()
+    others = [c for c in shapes.COLORS if c != spec.color and (c, spec.shape, spec.position) not in held]
+    return shapes.caption([dataclasses.replace(spec, color=others[rng.integers(len(others))])])
+
+
+def mislabelled_base(out: str, p: float, steps: int, examples: int = 16384, seed: int = 0) -> str:
+    """The demo recipe (`sd3_jax.demo`) trained on captions whose colour is wrong with probability p, as web
+    captions are noisy: a base that draws the wrong colour about p of the time. Returns its checkpoint."""
+    ckpt = os.path.join(out, "checkpoint")
+    if os.path.exists(ckpt):
+        return ckpt
+    tok_dir, prefix = os.path.join(out, "tokenizers"), os.path.join(out, "data", "shapes")
+    text = demo.text_encoders(tok_dir, seed)
+    ds = shapes.ShapesDataset(
+        seed=seed, size=demo.SIZE, length=examples, two_objects_prob=0.0, size_word_prob=0.0
+    )
+
+    def gen():
+        for start in range(0, examples, 512):
+            items = [ds[i] for i in range(start, min(start + 512, examples))]
+            caps = [
+                mislabel(x["caption"], p, np.random.default_rng((seed, start + j, 1)))
+                for j, x in enumerate(items)
+            ]
+            yield from demo.encode_examples(text, np.stack([x["image"] for x in items]), caps)
+
+    write_records(prefix, gen(), num_shards=1)
+    demo.prepare(text, prefix + "-val", 256, seed + 10**6)  # validation on true captions
+    state = train(demo.train_config(steps, prefix), os.path.join(out, "train"), progress=False)
+    demo.write_checkpoint(ckpt, jax.device_get(state.ema_params), text, tok_dir)
+    return ckpt
+
+
+def colour_accuracy(images, captions) -> float:
+    """Fraction of images whose every caption object is matched by a component of its colour."""
+    return float(
+        np.mean(
+            [all(o.color for o in shapes.check_details(im, c).objects) for im, c in zip(images, captions)]
+        )
+    )
+
+
+def adherence(pipe, adapters=()) -> tuple[dict[str, float], dict[str, list[bool]]]:
+    """The checker's adherence and the colour accuracy alone on the seen and held-out eval prompts, and
+    each split's per-prompt pass/fail."""
     res = demo.evaluate(pipe, EVAL_PROMPTS, EVAL_SEED, adapters)
-    return {split: res[split] for split in ("seen", "held_out")}
+    out = {split: res[split] for split in ("seen", "held_out")}
+    out.update(
+        {f"colour_{split}": colour_accuracy(*res[split + "_images"]) for split in ("seen", "held_out")}
+    )
+    passed = {
+        split: [bool(shapes.check(im, c)) for im, c in zip(*res[split + "_images"])]
+        for split in ("seen", "held_out")
+    }
+    return out, passed
+
+
+def mcnemar(before: list[bool], after: list[bool]) -> dict[str, float]:
+    """Prompts fixed and broken between two runs on the same prompts and seeds, and the exact two-sided
+    McNemar p-value (a binomial test of the discordant prompts at 1/2)."""
+    fixed = sum(not b and a for b, a in zip(before, after))
+    broken = sum(b and not a for b, a in zip(before, after))
+    n, k = fixed + broken, min(fixed, broken)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"fixed": fixed, "broken": broken, "p_value": p}
 
 
 def colour_pairs(n: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -93,17 +164,34 @@ def write_pairs(pairs, folder: str) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="demo_out/checkpoint")
+    ap.add_argument(
+        "--mislabel",
+        type=float,
+        default=0.0,
+        help="instead of --checkpoint, first train the demo recipe on captions whose colour is wrong with "
+        "this probability (into OUT/work/base)",
+    )
+    ap.add_argument("--base-steps", type=int, default=1500, help="training steps of the --mislabel base")
+    ap.add_argument(
+        "--base-examples", type=int, default=16384, help="training examples of the --mislabel base"
+    )
     ap.add_argument("--pairs", choices=("colour", "judged"), default="colour")
     ap.add_argument("--out", default="", help="default: experiments/results/dpo/<pairs>")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--n", type=int, default=1024, help="prompts to make pairs from")
     ap.add_argument("--beta", type=float, default=2000.0)
+    ap.add_argument(
+        "--sft", type=float, default=0.0, help="dpo_sft_weight: SFT anchor on the preferred images"
+    )
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args(argv)
     out = a.out or os.path.join("experiments", "results", "dpo", a.pairs)
-    pipe = SD3Pipeline.load(a.checkpoint)
-    before = adherence(pipe)
+    ckpt = a.checkpoint
+    if a.mislabel:
+        ckpt = mislabelled_base(os.path.join(out, "work", "base"), a.mislabel, a.base_steps, a.base_examples)
+    pipe = SD3Pipeline.load(ckpt)
+    before, passed_before = adherence(pipe)
     if a.pairs == "colour":
         pairs, counts = colour_pairs(a.n, 0), {"prompts": a.n}
     else:
@@ -122,33 +210,41 @@ def main(argv=None) -> dict:
         checkpoint_every=a.steps,
         log_every=max(a.steps // 10, 1),
         eval_every=0,
-        init_from=a.checkpoint,
+        init_from=ckpt,
         adapter="lora",
         lora=LoraConfig(rank=8, alpha=8.0),
         objective="dpo",
         dpo_beta=a.beta,
+        dpo_sft_weight=a.sft,
     )
     workdir = os.path.join(out, "work", "train")
     train(cfg, workdir, progress=False)
     lora = import_lora(os.path.join(workdir, "lora"), pipe.transformer_config)
-    after = adherence(pipe, [(lora, 1.0)])
+    after, passed_after = adherence(pipe, [(lora, 1.0)])
     log = [m for m in read_metrics(workdir) if m.get("kind") == "log"]
     res = {
         "pairs": a.pairs,
+        "base": {"checkpoint": ckpt, "mislabel": a.mislabel, "steps": a.base_steps} if a.mislabel else ckpt,
         "pair_counts": {**counts, "pairs": len(pairs)},
         "before": before,
         "after": after,
+        "paired": {split: mcnemar(passed_before[split], passed_after[split]) for split in passed_before},
         "steps": a.steps,
         "beta": a.beta,
+        "sft_weight": a.sft,
         "lr": a.lr,
         "batch_size": a.batch_size,
         "log": log,
     }
     common.save_json(os.path.join(out, "results.json"), res)
-    print(
-        f"[{a.pairs} pairs] adherence before seen={before['seen']:.2f} held_out={before['held_out']:.2f}; "
-        f"after seen={after['seen']:.2f} held_out={after['held_out']:.2f}"
-    )
+    for what, r in (("before", before), ("after", after)):
+        print(
+            f"[{a.pairs} pairs] {what}: adherence seen={r['seen']:.2f} held_out={r['held_out']:.2f}, "
+            f"colour seen={r['colour_seen']:.2f} held_out={r['colour_held_out']:.2f}"
+        )
+    for split, m in res["paired"].items():
+        fixed, broken, p = m["fixed"], m["broken"], m["p_value"]
+        print(f"[{a.pairs} pairs] {split}: {fixed} prompts fixed, {broken} broken, p={p:.2g}")
     return res
 
 

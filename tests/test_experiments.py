@@ -49,10 +49,41 @@ def test_demo_smoke_and_sample_cli(tmp_path, capsys):
     for kind in ("colour", "judged"):
         args = ["--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / kind), "--pairs", kind]
         res = dpo.main(args + ["--steps", "1", "--n", "8", "--batch-size", "4"])
-        assert set(res["before"]) == set(res["after"]) == {"seen", "held_out"}
+        assert (
+            set(res["before"]) == set(res["after"]) == {"seen", "held_out", "colour_seen", "colour_held_out"}
+        )
         assert res["pair_counts"]["pairs"] >= 4 and res["log"][0]["step"] == 1
         assert (tmp_path / kind / "results.json").exists()
         assert (tmp_path / kind / "work" / "train" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_dpo_mislabelled_base(tmp_path):
+    """Captions mislabelled at rate p change only the colour, never to a held-out combination; the
+    --mislabel study trains such a base and tunes it."""
+    import dpo
+    import numpy as np
+
+    from sd3_jax.data import shapes
+
+    held, n, p = shapes.holdout_combos(), 4000, 0.3
+    caps = shapes.prompts("seen", n, seed=3)
+    out = [dpo.mislabel(c, p, np.random.default_rng((7, i))) for i, c in enumerate(caps)]
+    swapped = 0
+    for c, m in zip(caps, out):
+        (a,), (b,) = shapes.parse_caption(c), shapes.parse_caption(m)
+        assert (b.shape, b.position) == (a.shape, a.position) and b.combo not in held
+        swapped += a.color != b.color
+    assert abs(swapped / n - p) < 4 * np.sqrt(p * (1 - p) / n)
+    assert dpo.mislabel(caps[0], 0.0, np.random.default_rng(0)) == caps[0]
+    # McNemar's exact test: 10 fixed, 2 broken of 12 discordant prompts is 2 (1 + 12 + 66) / 2^12.
+    m = dpo.mcnemar([False] * 10 + [True] * 2 + [True] * 5, [True] * 10 + [False] * 2 + [True] * 5)
+    assert (m["fixed"], m["broken"]) == (10, 2) and m["p_value"] == pytest.approx(158 / 4096)
+    assert dpo.mcnemar([True, False], [True, False])["p_value"] == 1.0
+
+    args = ["--mislabel", "0.5", "--base-steps", "2", "--base-examples", "64", "--out", str(tmp_path / "m")]
+    res = dpo.main(args + ["--steps", "1", "--n", "8", "--batch-size", "4"])
+    assert res["base"]["mislabel"] == 0.5 and (tmp_path / "m" / "work" / "base" / "checkpoint").exists()
+    assert res["log"][0]["step"] == 1 and set(res["paired"]) == {"seen", "held_out"}
 
 
 @pytest.mark.parametrize("study", ["formulations", "scaling", "sampling"])

@@ -233,7 +233,9 @@ def test_load_from_a_relative_path(tiny, monkeypatch):
     absolute = SD3Pipeline.load(str(root / "ckpt_t51"))
     monkeypatch.chdir(root)
     relative = SD3Pipeline.load("ckpt_t51")
-    for a, b in zip(jax.tree.leaves(absolute.transformer_params), jax.tree.leaves(relative.transformer_params)):
+    for a, b in zip(
+        jax.tree.leaves(absolute.transformer_params), jax.tree.leaves(relative.transformer_params)
+    ):
         assert np.array_equal(a, b)
 
 

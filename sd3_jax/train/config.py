@@ -79,11 +79,13 @@ class TrainConfig:
     # (only the adapter is in the optimizer state and the checkpoints; the trained EMA adapter is written
     # to WORKDIR/lora/pytorch_lora_weights.safetensors in diffusers' layout). objective="dpo" trains it
     # with Diffusion-DPO on data.kind="pairs", the frozen init_from transformer as the reference, weight
-    # dpo_beta.
+    # dpo_beta, plus dpo_sft_weight times the policy's denoising error on the preferred images (an SFT
+    # anchor; 0 is plain Diffusion-DPO, dpo_beta=0 with a weight > 0 is SFT on the preferred images alone).
     adapter: str = ""  # "" (train the whole MMDiT) or "lora"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     objective: str = "denoise"  # "denoise" (the formulation's loss) or "dpo"
     dpo_beta: float = 2000.0
+    dpo_sft_weight: float = 0.0
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: look up by device kind
 
     def __post_init__(self):
@@ -97,6 +99,10 @@ class TrainConfig:
             raise ValueError(f"adapter {self.adapter!r} unknown; expected '' or 'lora'")
         if self.objective not in ("denoise", "dpo"):
             raise ValueError(f"objective {self.objective!r} unknown; expected 'denoise' or 'dpo'")
+        if self.dpo_beta < 0 or self.dpo_sft_weight < 0:
+            raise ValueError(
+                f"dpo_beta ({self.dpo_beta}) and dpo_sft_weight ({self.dpo_sft_weight}) must be >= 0"
+            )
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"compute_dtype {self.compute_dtype!r} unknown")
 

@@ -16,6 +16,12 @@ folded into beta, and the constant is written as one half:
 The argument of the sigmoid is the implicit reward margin: it is 0 when the policy equals the reference,
 and grows as the policy fits x^w better (and x^l worse) than the reference does. The policy is the frozen
 base with the trained adapter applied; the reference is the frozen base alone.
+
+DPO alone can raise the margin by fitting *both* images worse, the rejected one more. An optional SFT
+anchor adds the policy's own error on the preferred images, as RPO (Pang et al. 2024) adds the chosen
+answers' NLL to DPO for language models:
+
+    L_total = L + lambda * e_theta^w                                                     (DPO-RF + SFT)
 """
 
 from __future__ import annotations
@@ -77,15 +83,19 @@ def dpo_terms(
     t: jax.Array,
     noise: jax.Array,
     beta: float,
+    sft_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean DPO loss, metrics) of the adapter on the frozen reference at fixed (t, noise)."""
+    """(mean DPO loss + sft_weight * mean e_theta^w, metrics) of the adapter on the frozen reference at
+    fixed (t, noise) (DPO-RF + SFT)."""
     ref = jax.lax.stop_gradient(ref_params)
     ref_w, ref_l = jax.lax.stop_gradient(pair_errors(cfg, ref, batch, t, noise))
     model_w, model_l = pair_errors(cfg, apply_lora(ref, [(lora, 1.0)]), batch, t, noise)
     margin = dpo_margin(model_w, model_l, ref_w, ref_l, beta)
-    loss = jnp.mean(-jax.nn.log_sigmoid(margin))
+    dpo = jnp.mean(-jax.nn.log_sigmoid(margin))
+    loss = dpo + sft_weight * jnp.mean(model_w)
     metrics = {
         "loss": loss,
+        "dpo_loss": dpo,
         "reward_margin": jnp.mean(margin),
         "implicit_acc": jnp.mean((margin > 0).astype(jnp.float32)),
         "model_err_w": jnp.mean(model_w),
@@ -104,8 +114,10 @@ def dpo_train_step(
     rng: jax.Array,
     ref_params: Any,
     beta: float = 5000.0,
+    sft_weight: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DPO step on the adapter `state.params`; `ref_params` is the frozen base (the reference).
+    """One DPO step on the adapter `state.params`; `ref_params` is the frozen base (the reference);
+    `sft_weight` weighs the SFT anchor (DPO-RF + SFT).
 
     A pair shares one t (from the configured density) and one noise draw, as in Wallace et al.'s code. The
     step's key is fold_in(rng, step). `beta` defaults to Wallace et al.'s SD1.5 value; jit with it bound.
@@ -119,7 +131,7 @@ def dpo_train_step(
     )
 
     def loss_fn(lora):
-        return dpo_terms(cfg, lora, ref_params, batch, t, noise, beta)
+        return dpo_terms(cfg, lora, ref_params, batch, t, noise, beta, sft_weight)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return apply_gradients(cfg, tx, state, grads), {**metrics, "grad_norm": optax.tree.norm(grads)}

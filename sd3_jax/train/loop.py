@@ -126,7 +126,7 @@ def _step_fns(cfg: TrainConfig, tx, shardings, base):
         step = jit_step(functools.partial(train_step, cfg, tx))
         return step, jax.jit(functools.partial(eval_loss, cfg))
     if cfg.objective == "dpo":
-        inner = functools.partial(dpo_train_step, cfg, tx, beta=cfg.dpo_beta)
+        inner = functools.partial(dpo_train_step, cfg, tx, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight)
     else:
         inner = functools.partial(lora_train_step, cfg, tx)
     step = jit_step(inner)
