@@ -1,7 +1,7 @@
 """Preference tuning of the demo model: Diffusion-DPO through LoRA with `sd3-jax train`'s trainer.
 
-    python experiments/dpo.py --checkpoint demo_out/checkpoint --pairs colour [--steps 300] [--n 1024]
-    python experiments/dpo.py --checkpoint demo_out/checkpoint --pairs judged
+    python experiments/dpo.py --mislabel 0.3 --pairs colour --beta 100 --sft 1 --steps 600
+    python experiments/dpo.py --checkpoint demo_out/checkpoint --pairs colour|judged
 
 Two kinds of preference pairs, written as PNGs and a JSONL (`data.kind="pairs"`, captions encoded by the
 checkpoint's own text encoders):
@@ -10,8 +10,11 @@ checkpoint's own text encoders):
   judged  on-policy pairs labelled by the shapes checker, as Diffusion-DPO is used: the demo model samples
           each prompt K times; the rejected image is a sample the checker rejects, the preferred one a
           sample it accepts (a clean render when none of the K passes).
-Reports the checker's adherence before and after, on the same 128 seen and 128 held-out prompts and seeds
-(not the prompts the pairs were made from). Result: see experiments/README.md.
+The demo model never draws a wrong colour, so `--mislabel P` first trains the demo recipe on captions whose
+colour word is wrong with probability P: a base with colour errors for the colour pairs to fix.
+Reports the checker's adherence and colour accuracy before and after, on the same 128 seen and 128 held-out
+prompts and seeds (not the prompts the pairs were made from), and per prompt how many were fixed and broken
+(McNemar's exact p). Results: experiments/README.md.
 """
 
 from __future__ import annotations
@@ -88,10 +91,15 @@ def colour_accuracy(images, captions) -> float:
     )
 
 
-def adherence(pipe, adapters=()) -> tuple[dict[str, float], dict[str, list[bool]]]:
+def adherence(pipe, adapters=(), grid: str = "") -> tuple[dict[str, float], dict[str, list[bool]]]:
     """The checker's adherence and the colour accuracy alone on the seen and held-out eval prompts, and
-    each split's per-prompt pass/fail."""
+    each split's per-prompt pass/fail; `grid`: a PNG of the first 32 samples of each split."""
     res = demo.evaluate(pipe, EVAL_PROMPTS, EVAL_SEED, adapters)
+    if grid:
+        imgs, caps = (
+            sum((list(res[s + "_images"][i][:32]) for s in ("seen", "held_out")), []) for i in (0, 1)
+        )
+        demo.grid(np.stack(imgs), caps, grid)
     out = {split: res[split] for split in ("seen", "held_out")}
     out.update(
         {f"colour_{split}": colour_accuracy(*res[split + "_images"]) for split in ("seen", "held_out")}
@@ -169,7 +177,7 @@ def main(argv=None) -> dict:
         type=float,
         default=0.0,
         help="instead of --checkpoint, first train the demo recipe on captions whose colour is wrong with "
-        "this probability (into OUT/work/base)",
+        "this probability (into OUT/../work/base_mislabel..., reused by later runs)",
     )
     ap.add_argument("--base-steps", type=int, default=1500, help="training steps of the --mislabel base")
     ap.add_argument(
@@ -186,12 +194,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args(argv)
-    out = a.out or os.path.join("experiments", "results", "dpo", a.pairs)
+    name = a.pairs + (f"_mislabel{round(100 * a.mislabel)}" if a.mislabel else "")
+    name += (f"_beta{a.beta:g}" if a.beta != 2000 else "") + (f"_sft{a.sft:g}" if a.sft else "")
+    out = a.out or os.path.join(
+        "experiments", "results", "dpo", name + (f"_{a.steps}" if a.steps != 300 else "")
+    )
     ckpt = a.checkpoint
     if a.mislabel:
-        ckpt = mislabelled_base(os.path.join(out, "work", "base"), a.mislabel, a.base_steps, a.base_examples)
+        # Shared by the runs beside OUT, as the base depends only on these three settings.
+        base = f"base_mislabel{a.mislabel:g}_{a.base_steps}steps_{a.base_examples}"
+        base = os.path.join(os.path.dirname(os.path.abspath(out)), "work", base)
+        ckpt = mislabelled_base(base, a.mislabel, a.base_steps, a.base_examples)
     pipe = SD3Pipeline.load(ckpt)
-    before, passed_before = adherence(pipe)
+    os.makedirs(out, exist_ok=True)
+    before, passed_before = adherence(pipe, grid=os.path.join(out, "samples_before.png"))
     if a.pairs == "colour":
         pairs, counts = colour_pairs(a.n, 0), {"prompts": a.n}
     else:
@@ -220,7 +236,7 @@ def main(argv=None) -> dict:
     workdir = os.path.join(out, "work", "train")
     train(cfg, workdir, progress=False)
     lora = import_lora(os.path.join(workdir, "lora"), pipe.transformer_config)
-    after, passed_after = adherence(pipe, [(lora, 1.0)])
+    after, passed_after = adherence(pipe, [(lora, 1.0)], grid=os.path.join(out, "samples_after.png"))
     log = [m for m in read_metrics(workdir) if m.get("kind") == "log"]
     res = {
         "pairs": a.pairs,

@@ -82,8 +82,14 @@ def test_dpo_mislabelled_base(tmp_path):
 
     args = ["--mislabel", "0.5", "--base-steps", "2", "--base-examples", "64", "--out", str(tmp_path / "m")]
     res = dpo.main(args + ["--steps", "1", "--n", "8", "--batch-size", "4"])
-    assert res["base"]["mislabel"] == 0.5 and (tmp_path / "m" / "work" / "base" / "checkpoint").exists()
+    assert (
+        res["base"]["mislabel"] == 0.5
+        and (tmp_path / "work" / "base_mislabel0.5_2steps_64" / "checkpoint").exists()
+    )
     assert res["log"][0]["step"] == 1 and set(res["paired"]) == {"seen", "held_out"}
+    assert (tmp_path / "m" / "samples_before.png").exists() and (
+        tmp_path / "m" / "samples_after.png"
+    ).exists()
 
 
 @pytest.mark.parametrize("study", ["formulations", "scaling", "sampling"])
