@@ -114,6 +114,7 @@ def write_pairs(folder, n: int = 8) -> str:
 
 
 def test_dpo_run_starts_at_log2_and_raises_the_margin(base, tmp_path):
+    """`sd3-jax train`'s DPO path with the SFT anchor: the closed-form first step, then a rising margin."""
     root, _ = base
     pairs = write_pairs(tmp_path / "pairs")
     cfg = dataclasses.replace(
@@ -121,6 +122,7 @@ def test_dpo_run_starts_at_log2_and_raises_the_margin(base, tmp_path):
         data=DataConfig(kind="pairs", path=pairs),
         objective="dpo",
         dpo_beta=500.0,
+        dpo_sft_weight=0.5,
         eval_every=0,
         ema_decay=0.0,
         optim=OptimConfig(lr=3e-3),
@@ -129,10 +131,12 @@ def test_dpo_run_starts_at_log2_and_raises_the_margin(base, tmp_path):
     train(cfg, str(wd), progress=False)
     logs = [m for m in read_metrics(str(wd)) if m.get("kind") == "log"]
     losses = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
-    # B = 0 at init, so the first step's policy is the reference: margin 0, loss -log sigmoid(0) = log 2.
+    # B = 0 at init, so the first step's policy is the reference: margin 0, DPO loss -log sigmoid(0) = log 2,
+    # plus the SFT anchor 0.5 e_theta^w.
     assert abs(logs[0]["reward_margin"]) < 1e-3
-    np.testing.assert_allclose(losses[0], math.log(2), rtol=1e-4)
-    assert logs[-1]["reward_margin"] > 0 and losses[-1] < math.log(2)
+    np.testing.assert_allclose(logs[0]["dpo_loss"], math.log(2), rtol=1e-4)
+    np.testing.assert_allclose(losses[0], math.log(2) + 0.5 * logs[0]["model_err_w"], rtol=1e-4)
+    assert logs[-1]["reward_margin"] > 0 and logs[-1]["dpo_loss"] < math.log(2)
     assert os.path.exists(wd / "lora" / "pytorch_lora_weights.safetensors")
 
 
@@ -147,6 +151,8 @@ def test_finetune_settings_that_do_not_go_together_raise(base):
         check_finetune(dataclasses.replace(cfg, objective="dpo"))
     with pytest.raises(ValueError, match="data.kind='pairs' is for objective='dpo'"):
         check_finetune(dataclasses.replace(cfg, data=DataConfig(kind="pairs", path="x.jsonl")))
+    with pytest.raises(ValueError, match=r"dpo_sft_weight \(-1.0\) must be >= 0"):
+        apply_overrides(cfg, ["dpo_sft_weight=-1"])
     with pytest.raises(ValueError, match="adapter 'lorax' unknown"):
         apply_overrides(cfg, ["adapter=lorax"])
     assert apply_overrides(cfg, ["lora.rank=8", "lora.targets=to_q,fc2"]).lora == LoraConfig(
