@@ -65,7 +65,7 @@ def add_common_args(ap: argparse.ArgumentParser, name: str) -> None:
         "--threads",
         type=int,
         default=None,
-        help="cpu: pin both frameworks to N threads (XLA's Eigen pool, torch); default: each its own",
+        help="cpu: pin the process to N cores and both frameworks to N threads; default: each its own",
     )
     ap.add_argument(
         "--out", default=None, help=f"JSON path (default bench/results/{name}-<device>[-<N>thread].json)"
@@ -78,15 +78,31 @@ def out_path(args: argparse.Namespace, name: str) -> str:
 
 
 def setup_platform(device: str, threads: int | None = None) -> None:
-    """Pins jax to the platform (and, on CPU, XLA to `threads` threads) before a backend initialises."""
+    """Pins jax to the platform (and, on CPU, the process to `threads` cores) before a backend initialises.
+
+    XLA's thread flags alone do not pin it: with `intra_op_parallelism_threads=1` and Eigen's pool off, a
+    training step still kept both cores of this host busy (CPU time 1.87x wall time), so the process is
+    confined to the first `threads` cores with `sched_setaffinity`; torch is set to as many threads.
+    """
     import jax
 
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cuda" if device == "gpu" else "cpu")
     if threads:
+        cores = sorted(os.sched_getaffinity(0))
+        if threads > len(cores):
+            raise SystemExit(f"--threads {threads}: this process may use only {len(cores)} cores")
+        os.sched_setaffinity(0, cores[:threads])
         flags = [f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"]
         flags.append(f"intra_op_parallelism_threads={threads}")
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+def cores_used(meta: dict[str, Any]) -> str:
+    """'N of the host's M cores', and whether the process was pinned to them (`--threads`) or shared them."""
+    n, host = meta.get("cores", meta["cpu_cores"]), meta["cpu_cores"]
+    how = "the process pinned to it" if n == 1 else "the process pinned to them"
+    return f"{n} of the host's {host} cores ({how})" if n < host else f"{n} cores shared with other jobs"
 
 
 def torch_device(device: str) -> str:
@@ -253,6 +269,7 @@ def machine_info(with_torch: bool = True, threads: int | None = None) -> dict[st
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "threads": threads,  # both frameworks pinned to this many threads; None: each its default
+        "cores": len(os.sched_getaffinity(0)),  # the cores this process may run on
         "load_avg_1m_start": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -481,7 +498,7 @@ def variants(results_dir: str, name: str, device: str) -> list[tuple[str, dict[s
         if res is None:
             continue
         n = res["meta"].get("threads")
-        title = device.upper() + (f", both frameworks on {n} thread{'s' if n > 1 else ''}" if n else "")
+        title = device.upper() + (f", both frameworks on {n} core{'s' if n > 1 else ''}" if n else "")
         out.append((title, res))
     return out
 
@@ -654,12 +671,12 @@ def _profile_section(results_dir: str) -> list[str]:
     cols = [(k, k) for k in ("variant", "forward_s", "grad_s", "grad_over_forward")]
     out += [f"Machine: {_machine_line(res['meta'])}.", ""]
     out += [
-        f"The small network, batch {res['batch']}, fp32: `jax.grad` of an MSE loss against the forward "
-        "(minimum of repeats), for each variant tried:",
+        f"The small network, batch {res['batch']}, fp32, on {cores_used(res['meta'])}: `jax.grad` of an "
+        "MSE loss against the forward (minimum of repeats), for each variant tried:",
         "",
         table(res["results"], cols, markdown=True),
         "",
-        "One profiler trace of the default gradient, XLA's thunks summed by op kind (ms per call, both "
+        "One profiler trace of the default gradient, XLA's thunks summed by op kind (ms per call, all its "
         "worker threads together):",
         "",
         table(res["op_kinds"], [(k, k) for k in ("op kind", "ms / call", "share")], markdown=True),

@@ -107,7 +107,7 @@ def main() -> None:
     if a.device == "cpu":
         bf16 = "has AVX512-BF16 dot instructions" if meta["cpu_bf16"] else "has no native bf16 arithmetic"
         pools = (
-            f"both frameworks pinned to {a.threads} thread(s)"
+            f"the process pinned to {a.threads} core(s), torch to as many threads"
             if a.threads
             else f"torch uses {meta.get('torch_threads')} threads, XLA's CPU client a pool over all cores"
         )

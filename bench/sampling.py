@@ -282,13 +282,13 @@ def main() -> None:
     ]
     if a.device == "cpu":
         notes.append(
-            f"fp32 on {meta['cpu_cores']} cores shared with other jobs (load average "
+            f"fp32 on {common.cores_used(meta)} (load average "
             f"{meta['load_avg_1m_start']} at the start). diffusers was timed with torch threads {threads} "
             "and "
             "is reported at the setting of its fastest forward (median; `torch_threads`): torch's OpenMP "
             "pool "
             "slows down many-fold when another process holds a core. XLA's CPU client uses its own thread "
-            "pool over all cores."
+            "pool over the cores it may use."
         )
     common.write_result(
         common.out_path(a, "sampling"), meta, fwd_rows, loop=loop_rows, config=config, notes=notes

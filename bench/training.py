@@ -318,7 +318,7 @@ def main() -> None:
     notes = ["Seconds per step are medians of the repeats after two warmup steps (the first compiles)."]
     if a.device == "cpu":
         notes.append(
-            f"fp32 on {meta['cpu_cores']} cores shared with other jobs (load average "
+            f"fp32 on {common.cores_used(meta)} (load average "
             f"{meta['load_avg_1m_start']} at the start); sd3_jax and PyTorch repeats interleaved; PyTorch "
             f"timed at torch threads {threads} and reported at the setting with the lowest median "
             "(`torch_threads`)."
