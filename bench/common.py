@@ -101,8 +101,9 @@ def setup_platform(device: str, threads: int | None = None) -> None:
 def cores_used(meta: dict[str, Any]) -> str:
     """'N of the host's M cores', and whether the process was pinned to them (`--threads`) or shared them."""
     n, host = meta.get("cores", meta["cpu_cores"]), meta["cpu_cores"]
-    how = "the process pinned to it" if n == 1 else "the process pinned to them"
-    return f"{n} of the host's {host} cores ({how})" if n < host else f"{n} cores shared with other jobs"
+    if n == host:
+        return f"{n} cores shared with other jobs"
+    return f"{n} of the host's {host} cores (the process pinned to {'it' if n == 1 else 'them'})"
 
 
 def torch_device(device: str) -> str:

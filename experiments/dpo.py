@@ -33,7 +33,6 @@ from PIL import Image
 from sd3_jax import demo
 from sd3_jax.convert.lora import import_lora
 from sd3_jax.data import shapes
-from sd3_jax.data.records import write_records
 from sd3_jax.lora import LoraConfig
 from sd3_jax.pipeline import SD3Pipeline
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig
@@ -62,33 +61,12 @@ def mislabelled_base(out: str, p: float, steps: int, examples: int = 16384, seed
         return ckpt
     tok_dir, prefix = os.path.join(out, "tokenizers"), os.path.join(out, "data", "shapes")
     text = demo.text_encoders(tok_dir, seed)
-    ds = shapes.ShapesDataset(
-        seed=seed, size=demo.SIZE, length=examples, two_objects_prob=0.0, size_word_prob=0.0
-    )
-
-    def gen():
-        for start in range(0, examples, 512):
-            items = [ds[i] for i in range(start, min(start + 512, examples))]
-            caps = [
-                mislabel(x["caption"], p, np.random.default_rng((seed, start + j, 1)))
-                for j, x in enumerate(items)
-            ]
-            yield from demo.encode_examples(text, np.stack([x["image"] for x in items]), caps)
-
-    write_records(prefix, gen(), num_shards=1)
+    relabel = lambda i, c: mislabel(c, p, np.random.default_rng((seed, i, 1)))
+    demo.prepare(text, prefix, examples, seed, relabel)
     demo.prepare(text, prefix + "-val", 256, seed + 10**6)  # validation on true captions
     state = train(demo.train_config(steps, prefix), os.path.join(out, "train"), progress=False)
     demo.write_checkpoint(ckpt, jax.device_get(state.ema_params), text, tok_dir)
     return ckpt
-
-
-def colour_accuracy(images, captions) -> float:
-    """Fraction of images whose every caption object is matched by a component of its colour."""
-    return float(
-        np.mean(
-            [all(o.color for o in shapes.check_details(im, c).objects) for im, c in zip(images, captions)]
-        )
-    )
 
 
 def adherence(pipe, adapters=(), grid: str = "") -> tuple[dict[str, float], dict[str, list[bool]]]:
@@ -100,14 +78,13 @@ def adherence(pipe, adapters=(), grid: str = "") -> tuple[dict[str, float], dict
             sum((list(res[s + "_images"][i][:32]) for s in ("seen", "held_out")), []) for i in (0, 1)
         )
         demo.grid(np.stack(imgs), caps, grid)
-    out = {split: res[split] for split in ("seen", "held_out")}
-    out.update(
-        {f"colour_{split}": colour_accuracy(*res[split + "_images"]) for split in ("seen", "held_out")}
-    )
-    passed = {
-        split: [bool(shapes.check(im, c)) for im, c in zip(*res[split + "_images"])]
-        for split in ("seen", "held_out")
-    }
+    out, passed = {}, {}
+    for split in ("seen", "held_out"):
+        reports = [shapes.check_details(im, c) for im, c in zip(*res[split + "_images"])]
+        passed[split] = [r.ok for r in reports]
+        out[split] = res[split]
+        # Every caption object matched by a component of its colour.
+        out[f"colour_{split}"] = float(np.mean([all(o.color for o in r.objects) for r in reports]))
     return out, passed
 
 
@@ -184,7 +161,11 @@ def main(argv=None) -> dict:
         "--base-examples", type=int, default=16384, help="training examples of the --mislabel base"
     )
     ap.add_argument("--pairs", choices=("colour", "judged"), default="colour")
-    ap.add_argument("--out", default="", help="default: experiments/results/dpo/<pairs>")
+    ap.add_argument(
+        "--out",
+        default="",
+        help="default: experiments/results/dpo/<pairs>[_mislabelP][_betaB][_sftW][_steps]",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--n", type=int, default=1024, help="prompts to make pairs from")
     ap.add_argument("--beta", type=float, default=2000.0)
@@ -195,10 +176,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args(argv)
     name = a.pairs + (f"_mislabel{round(100 * a.mislabel)}" if a.mislabel else "")
-    name += (f"_beta{a.beta:g}" if a.beta != 2000 else "") + (f"_sft{a.sft:g}" if a.sft else "")
-    out = a.out or os.path.join(
-        "experiments", "results", "dpo", name + (f"_{a.steps}" if a.steps != 300 else "")
+    name += f"_beta{a.beta:g}" if a.beta != ap.get_default("beta") else ""
+    name += (f"_sft{a.sft:g}" if a.sft else "") + (
+        f"_{a.steps}" if a.steps != ap.get_default("steps") else ""
     )
+    out = a.out or os.path.join("experiments", "results", "dpo", name)
     ckpt = a.checkpoint
     if a.mislabel:
         # Shared by the runs beside OUT, as the base depends only on these three settings.

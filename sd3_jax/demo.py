@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -130,15 +131,20 @@ def encode_examples(
     ]
 
 
-def prepare(text: TextEncoders, prefix: str, n: int, seed: int) -> None:
+def prepare(
+    text: TextEncoders, prefix: str, n: int, seed: int, relabel: Callable[[int, str], str] | None = None
+) -> None:
+    """n shapes examples encoded into ArrayRecords at prefix; `relabel(i, caption)` replaces the caption
+    item i is trained with (the image stays)."""
     ds = shapes.ShapesDataset(seed=seed, size=SIZE, length=n, two_objects_prob=0.0, size_word_prob=0.0)
 
     def gen():
         for start in range(0, n, 512):
             items = [ds[i] for i in range(start, min(start + 512, n))]
-            yield from encode_examples(
-                text, np.stack([x["image"] for x in items]), [x["caption"] for x in items]
-            )
+            caps = [x["caption"] for x in items]
+            if relabel is not None:
+                caps = [relabel(start + j, c) for j, c in enumerate(caps)]
+            yield from encode_examples(text, np.stack([x["image"] for x in items]), caps)
 
     write_records(prefix, gen(), num_shards=1)
 

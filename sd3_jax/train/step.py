@@ -97,7 +97,7 @@ def train_step(
         return jnp.mean(batch_loss(cfg, params, batch, t, noise, k_drop))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return apply_gradients(cfg, tx, state, grads), metrics
 
 
