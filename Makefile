@@ -21,8 +21,9 @@ $(STAMP): $(BASE_STAMP)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# JAX_PLATFORMS=cpu: with libtpu installed, jax would otherwise look for a TPU and libtpu print errors.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check sd3_jax tests bench experiments

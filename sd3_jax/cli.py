@@ -1,4 +1,4 @@
-"""`sd3-jax convert|sample|train|prepare|export`: the command line.
+"""`sd3-jax convert|sample|train|prepare|export|plan`: the command line.
 
 Every command reports bad input as one line on stderr (`sd3-jax: error: ...`) and exits 2, leaving no
 half-written output behind.
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.command == "plan":
+        # plan compiles for TPU devices described by libtpu; it needs no local accelerator, and a host
+        # without a TPU would otherwise have libtpu print start-up errors while jax looks for one.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from sd3_jax.convert.mapping import CheckpointError
     from sd3_jax.convert.orbax_io import CheckpointFormatError
     from sd3_jax.train.loop import TrainingDiverged

@@ -113,6 +113,31 @@ def _prepare(a: argparse.Namespace) -> None:
     )
 
 
+def _plan(a: argparse.Namespace) -> None:
+    from sd3_jax import plan
+    from sd3_jax.nn.mmdit import MMDiTConfig
+    from sd3_jax.train.config import TrainConfig, apply_overrides, load_config
+
+    cfg = load_config(a.config) if a.config else TrainConfig(model=MMDiTConfig.sd3_medium())
+    cfg = apply_overrides(cfg, a.set)
+    w, h = parse_size(a.size) if "x" in a.size.lower() else (int(a.size), int(a.size))
+    sample = None
+    if a.task == "sample":
+        if a.steps < 1 or a.batch < 1:
+            raise ValueError(f"plan: --steps and --batch must be >= 1, got {a.steps} and {a.batch}")
+        sample = plan.SampleSpec(
+            height=h,
+            width=w,
+            batch=a.batch,
+            steps=a.steps,
+            cfg=not a.no_cfg,
+            t5_tokens=a.text_tokens - plan.CLIP_TOKENS,
+            dtype=cfg.compute_dtype,
+        )
+    _, lines = plan.run(a.topology, a.task, cfg, (h, w), a.text_tokens, sample)
+    print("\n".join(lines))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("convert", help="convert PyTorch SD3 checkpoints to an sd3-jax Orbax checkpoint")
     c.add_argument("sources", nargs="+", help="diffusers folder, Stability single files, component files")
@@ -155,6 +180,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="sample.png")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_sample)
+
+    pl = sub.add_parser(
+        "plan",
+        help="compile train or sample for a TPU slice from this host; per-device HBM and whether it fits",
+    )
+    pl.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x4, v5p:2x2x1, v6e:4x4")
+    pl.add_argument("--task", required=True, choices=["train", "sample"])
+    pl.add_argument("--config", help="experiments/NAME.py defining get_config() (default: SD3 Medium)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
+    pl.add_argument("--size", default="1024", help="pixels: N (square) or WxH (sample)")
+    pl.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + T5 tokens (default 77 + 256)")
+    pl.add_argument("--batch", type=int, default=1, help="sample: images per call")
+    pl.add_argument("--steps", type=int, default=28, help="sample: denoising steps")
+    pl.add_argument("--no-cfg", action="store_true", help="sample: without classifier-free guidance")
+    pl.set_defaults(fn=_plan)
 
     p = sub.add_parser("prepare", help="precompute VAE latents and text embeddings into ArrayRecord shards")
     p.add_argument(

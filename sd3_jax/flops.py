@@ -16,6 +16,7 @@ PEAK_BF16 = {
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
+    "TPU v5": 459e12,  # jax's device_kind for v5p (after "TPU v5 lite", which it also prefixes)
 }
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
+# libtpu is installed (the TPU compile tests): without this jax would look for a TPU at start-up.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # A tiny diffusers SD3Transformer2DModel config (the parity, layout and LoRA tests share it).
 TINY_MMDIT = dict(

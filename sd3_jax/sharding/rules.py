@@ -22,6 +22,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_out", "fsdp"),
     ("norm", None),
     ("patch", None),
-    ("cond", None),
+    ("cond", "fsdp"),  # the conditioning vector's width: adaLN kernels are a third of the MMDiT
     ("mod", "tensor"),
 )

@@ -165,6 +165,14 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return cfg
 
 
+def _preset(cls: type, name: str, full: str) -> Any:
+    """`--set model=sd35_large`: a config section replaced whole by one of its classmethod presets."""
+    presets = sorted(k for k, v in vars(cls).items() if isinstance(v, classmethod))
+    if name not in presets:
+        raise ValueError(f"--set {full}: {name!r} is not a {cls.__name__} preset ({', '.join(presets)})")
+    return getattr(cls, name)()
+
+
 def _replace(obj: Any, path: list[str], value: str, full: str) -> Any:
     if not dataclasses.is_dataclass(obj):
         raise ValueError(f"--set {full}: {'.'.join(path)} is not a config section")
@@ -175,7 +183,9 @@ def _replace(obj: Any, path: list[str], value: str, full: str) -> Any:
             f"--set {full}: {type(obj).__name__} has no field {name!r} (fields: {', '.join(fields)})"
         )
     current = getattr(obj, name)
-    if len(path) > 1:
+    if len(path) == 1 and dataclasses.is_dataclass(current):
+        new = _preset(type(current), value, full)
+    elif len(path) > 1:
         new = _replace(current, path[1:], value, full)
     else:
         try:

@@ -116,7 +116,7 @@ def _load_init_params(cfg: TrainConfig, mesh=None) -> Any:
     )
 
 
-def _step_fns(cfg: TrainConfig, tx, shardings, base):
+def step_fns(cfg: TrainConfig, tx, shardings, base):
     """(jitted step(state, batch, rng), jitted eval(ema_params, batch, ts, key)) for the configured run."""
     from sd3_jax.lora import apply_lora, lora_train_step
     from sd3_jax.train.dpo import dpo_train_step
@@ -191,7 +191,7 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
                 lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                 jax.eval_shape(fresh),
                 shardings,
-            )
+            )  # (a LoRA state's shapes come from its own init, so not from state.abstract_state)
             restored = mngr.restore(
                 start,
                 args=ocp.args.Composite(
@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
             start = 0
             state = fresh(_load_init_params(cfg, mesh) if cfg.init_from and not lora else None)
         metrics_out = MetricsWriter(workdir, start)
-        step_fn, eval_fn = _step_fns(cfg, tx, shardings, base)
+        step_fn, eval_fn = step_fns(cfg, tx, shardings, base)
         ts = jnp.asarray(cfg.eval_timesteps, jnp.float32)
 
         flops = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -103,6 +104,24 @@ def state_shardings(
     return TrainState(step=replicated, params=p_sh, opt_state=o_sh, ema_params=p_sh)
 
 
+def abstract_state(cfg: TrainConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+    """The TrainState of a fresh run as sharded ShapeDtypeStructs (no memory): for restoring and compiling."""
+    shardings = state_shardings(cfg, tx, mesh)
+    shapes = jax.eval_shape(functools.partial(_make_state, cfg, tx), jax.random.key(0), None)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _make_state(
+    cfg: TrainConfig, tx: optax.GradientTransformation, key: jax.Array, params: Any
+) -> TrainState:
+    p = (
+        init_params(cfg.model, key)
+        if params is None
+        else jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    )
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), ema_params=p)
+
+
 def create_state(
     cfg: TrainConfig,
     tx: optax.GradientTransformation,
@@ -111,14 +130,5 @@ def create_state(
     params: Any = None,
 ) -> TrainState:
     """A fresh TrainState created directly sharded (jit with out_shardings); `params` to fine-tune from."""
-    shardings = state_shardings(cfg, tx, mesh)
-
-    def make(key, params):
-        p = (
-            init_params(cfg.model, key)
-            if params is None
-            else jax.tree.map(lambda a: a.astype(jnp.float32), params)
-        )
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), ema_params=p)
-
-    return jax.jit(make, out_shardings=shardings)(key, params)
+    make = functools.partial(_make_state, cfg, tx)
+    return jax.jit(make, out_shardings=state_shardings(cfg, tx, mesh))(key, params)

@@ -1,0 +1,193 @@
+"""The TPU fit table: `sd3_jax.plan` (what `sd3-jax plan` runs) over models, slices, sampling and training.
+
+    python bench/tpu_fit.py --task sample [--out bench/results/tpu-fit-sample.json]
+    python bench/tpu_fit.py --task train [--out bench/results/tpu-fit-train.json]
+
+Every row is compiled for its TPU slice on this host (libtpu, `jax.experimental.topologies`); the figures
+are the compiler's static per-chip allocation (`memory_analysis`). Rows are appended to the JSON as they are
+done and skipped when present, so an interrupted run resumes. Sampling: 1024x1024, 28 Euler steps with CFG,
+333 text tokens, bf16, batch 1 and 4, the MMDiT sharded over fsdp and the text encoders and VAE replicated
+(as `SD3Pipeline.load` places them); the encoders' and VAE's programs do not depend on the MMDiT and are
+compiled once per slice and batch. Training: one image per chip at 256, 512 and 1024 px, 333 text tokens,
+bf16 compute with fp32 params, Adam and EMA, fsdp over the slice. The largest batch per chip for a remat
+policy: compiled at 1 and 2 images per chip, memory taken as affine in the batch to predict the largest
+that fits, then that batch compiled to confirm it (one smaller if it does not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from sd3_jax import plan  # noqa: E402
+
+MODELS = ("sd3_medium", "sd35_medium", "sd35_large")
+SLICES = ("v5e:2x4", "v5p:2x2x2", "v6e:2x4")  # 8 chips each
+LARGE_SLICE = ("sd35_large", "v5e:4x8")  # 32 chips: SD3.5 Large training does not fit 8 v5e chips
+MAX_BATCH_REMAT = ("none", "dots", "full")
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import jax
+
+    return {
+        "jax": jax.__version__,
+        "libtpu": md.version("libtpu"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def _load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"meta": _versions(), "results": []}
+
+
+def _save(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _figures(programs, device) -> dict:
+    peak, hbm = plan.peak_bytes(programs), plan.chip_hbm(device)
+    return {
+        "peak_gib": round(peak / plan.GIB, 2),
+        "hbm_gib": round(hbm / plan.GIB),
+        "fits": peak <= hbm,
+        "compile_s": round(sum(p.compile_s for p in programs), 1),
+        "programs": [
+            {
+                "name": p.name,
+                "args_gib": round(p.argument / plan.GIB, 2),
+                "temp_gib": round(p.temp / plan.GIB, 2),
+                "total_gib": round(p.total / plan.GIB, 2),
+                "collectives": p.collectives,
+                "kernel_calls": p.custom_calls,
+            }
+            for p in programs
+        ],
+    }
+
+
+def _train_cfg(model: str, res: int, per_chip: int, chips: int, remat: str = "none"):
+    from sd3_jax.nn.mmdit import MMDiTConfig
+    from sd3_jax.sharding.mesh import MeshConfig
+    from sd3_jax.train.config import DataConfig, TrainConfig
+
+    return TrainConfig(
+        model=getattr(MMDiTConfig, model)(attention="pallas", remat=remat),
+        mesh=MeshConfig(fsdp=-1),
+        data=DataConfig(latent_size=res // 8),
+        batch_size=per_chip * chips,
+        compute_dtype="bfloat16",
+    )
+
+
+def _train_peak(model, res, per_chip, devices, remat) -> tuple[list, int]:
+    progs = plan.train_programs(_train_cfg(model, res, per_chip, len(devices), remat), devices, 333)
+    return progs, plan.peak_bytes(progs)
+
+
+def max_batch(model: str, res: int, devices, remat: str, first=None) -> dict:
+    """Largest images per chip that fit, from compiles at 1 and 2 per chip and a confirming compile."""
+    hbm = plan.chip_hbm(devices[0])
+    p1 = first if first is not None else _train_peak(model, res, 1, devices, remat)[1]
+    if p1 > hbm:
+        return {"max_per_chip": 0, "checked": [1]}
+    p2 = _train_peak(model, res, 2, devices, remat)[1]
+    if p2 > hbm:
+        return {"max_per_chip": 1, "checked": [1, 2]}
+    slope = max(p2 - p1, 1)
+    n = min(int((hbm - p1) // slope) + 1, 256)
+    checked = [1, 2]
+    while n > 2:
+        checked.append(n)
+        if _train_peak(model, res, n, devices, remat)[1] <= hbm:
+            return {"max_per_chip": n, "checked": checked, "gib_per_image": round(slope / plan.GIB, 3)}
+        n -= max(1, n // 8)
+    return {"max_per_chip": 2, "checked": checked, "gib_per_image": round(slope / plan.GIB, 3)}
+
+
+def run_sample(out: str) -> None:
+    from sd3_jax.nn.mmdit import MMDiTConfig
+
+    doc = _load(out)
+    done = {(r["model"], r["topology"], r["batch"]) for r in doc["results"]}
+    for topology in SLICES:
+        devices = plan.topology_devices(topology)
+        for batch in (1, 4):
+            others = None
+            for model in MODELS:
+                if (model, topology, batch) in done:
+                    continue
+                cfg = getattr(MMDiTConfig, model)(attention="pallas")
+                spec = plan.SampleSpec(batch=batch)
+                if others is None:
+                    progs = plan.sample_programs(cfg, spec, devices)
+                    others = [p for p in progs if p.name != "MMDiT loop"]
+                else:  # the text encoders and the VAE are the same for every model
+                    progs = plan.sample_programs(cfg, spec, devices, only_denoiser=True) + others
+                row = {"model": model, "topology": topology, "chips": len(devices), "batch": batch}
+                row.update(_figures(progs, devices[0]))
+                doc["results"].append(row)
+                _save(out, doc)
+                print(f"{model:12s} {topology:10s} batch {batch}: {row['peak_gib']:6.2f} GiB "
+                      f"({'fits' if row['fits'] else 'does not fit'})", flush=True)  # fmt: skip
+
+
+def run_train(out: str, max_batch_on: tuple[str, ...]) -> None:
+    doc = _load(out)
+    done = {(r["model"], r["topology"], r["res"]) for r in doc["results"]}
+    jobs = [(m, t, r) for t in SLICES for m in MODELS for r in (256, 512, 1024)]
+    jobs += [(LARGE_SLICE[0], LARGE_SLICE[1], r) for r in (256, 512, 1024)]
+    devices_of = {}
+    for model, topology, res in jobs:
+        if (model, topology, res) in done:
+            continue
+        devices = devices_of.setdefault(topology, plan.topology_devices(topology))
+        progs, p1 = _train_peak(model, res, 1, devices, "none")
+        row = {"model": model, "topology": topology, "chips": len(devices), "res": res, "per_chip": 1}
+        row.update(_figures(progs, devices[0]))
+        if topology in max_batch_on:
+            row["max_batch"] = {
+                remat: max_batch(model, res, devices, remat, p1 if remat == "none" else None)
+                for remat in MAX_BATCH_REMAT
+            }
+        doc["results"].append(row)
+        _save(out, doc)
+        mb = {k: v["max_per_chip"] for k, v in row.get("max_batch", {}).items()}
+        print(f"{model:12s} {topology:10s} {res:5d} px: {row['peak_gib']:6.2f} GiB "
+              f"({'fits' if row['fits'] else 'does not fit'}) max per chip {mb}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", required=True, choices=["sample", "train"])
+    ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--max-batch-on",
+        default="v5p:2x2x2,v5e:4x8",
+        help="slices whose training rows also get the largest batch per remat policy",
+    )
+    a = ap.parse_args()
+    out = a.out or f"bench/results/tpu-fit-{a.task}.json"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if a.task == "sample":
+        run_sample(out)
+    else:
+        run_train(out, tuple(s for s in a.max_batch_on.split(",") if s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""`sd3-jax plan`: compile training or sampling for a TPU slice from any host, and say whether it fits.
+
+As MaxText's `train_compile.py` does for LLMs: the devices of a slice come from
+`jax.experimental.topologies.get_topology_desc` (libtpu carries the real TPU compiler; no TPU needed), the
+arguments are abstract and sharded (`jax.ShapeDtypeStruct(..., sharding=...)`), and the very jitted
+functions that `sd3-jax train` and `SD3Pipeline.generate` run are lowered and compiled for that slice.
+`compiled.memory_analysis()` then gives each chip's HBM as the compiler allocates it statically:
+arguments, outputs (less what aliases donated arguments), temporaries and code. It is not the runtime
+figure: allocator fragmentation, host memory and the input pipeline's buffers are not in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+GIB = 1024**3
+# HBM per chip (device), GiB, by jax device_kind.
+CHIP_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# Without these, libtpu on a host without a TPU prints errors about the host it cannot find; and only one
+# process at a time could load it (a lockfile), though compiling takes no chip.
+_QUIET_LIBTPU = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v5p-8",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0",
+}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+CLIP_TOKENS = 77  # each CLIP's sequence; the rest of the text tokens are T5's
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """The devices of a TPU slice such as "v5p:2x2x1" or "v5e:16x16", compiled for from this host."""
+    from jax.experimental import topologies
+
+    for k, v in _QUIET_LIBTPU.items():
+        os.environ.setdefault(k, v)
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # noqa: BLE001 - libtpu raises plain RuntimeErrors/XlaRuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"topology {topology!r}: {first} (names look like v5e:2x4, v5p:2x2x1, v6e:4x4)"
+        ) from None
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program: its per-device memory (bytes) and collectives."""
+
+    name: str
+    compile_s: float
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    resident: int  # bytes of its arguments that stay in HBM between calls (weights), counted once per run
+    collectives: dict[str, int]
+    custom_calls: int  # TPU custom calls (Pallas/Mosaic kernels) in the program
+    text: str = dataclasses.field(repr=False, default="")
+
+    @property
+    def total(self) -> int:
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+def analyse(name: str, fn: Callable, args: Sequence[Any], resident: int = 0, **kw) -> Program:
+    """Lowers and compiles jitted `fn` on abstract `args`; reads its memory and collectives."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args, **kw).compile()
+    dt = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    text = compiled.as_text()
+    return Program(
+        name=name,
+        compile_s=dt,
+        argument=mem.argument_size_in_bytes,
+        output=mem.output_size_in_bytes,
+        alias=mem.alias_size_in_bytes,
+        temp=mem.temp_size_in_bytes,
+        code=mem.generated_code_size_in_bytes,
+        resident=resident,
+        collectives=count_collectives(text),
+        custom_calls=len(re.findall(r'custom_call_target="tpu_custom_call"', text)),
+        text=text,
+    )
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+    """How many of each collective op the compiled HLO text has (async start/done pairs count once)."""
+    out = {}
+    for op in COLLECTIVES:
+        n = len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
+        if n:
+            out[op] = n
+    return out
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of every all-gather in compiled HLO text."""
+    shapes = []
+    for m in re.finditer(r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*?\sall-gather(?:-start)?\(", hlo):
+        shapes.append(tuple(int(d) for d in m.group(1).split(",") if d))
+    return shapes
+
+
+def sharded_nbytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _abstract(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh), tree, shardings
+    )
+
+
+# Training.
+
+
+def train_programs(cfg, devices: Sequence[Any], text_tokens: int = 333) -> list[Program]:
+    """Compiles `sd3-jax train`'s jitted step for `cfg` (a TrainConfig) on `devices`.
+
+    The batch is what a prepared dataset gives: `data.latent_size` square latents, CLIP-L/G hidden states
+    of 77 tokens and T5's of `text_tokens - 77`, in float32.
+    """
+    from sd3_jax.sharding.mesh import make_mesh
+    from sd3_jax.train.loop import mesh_context, step_fns
+    from sd3_jax.train.state import abstract_state, make_optimizer, state_shardings
+
+    mesh = make_mesh(cfg.mesh, devices)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    shardings = state_shardings(cfg, tx, mesh)
+    state = abstract_state(cfg, tx, mesh)
+    m, b, s = cfg.model, cfg.batch_size, cfg.data.latent_size
+    wl = m.pooled_dim * 3 // 8  # CLIP-L's width: 768 of SD3's 2048 pooled channels, CLIP-G the rest
+    shapes = {
+        "latents": (b, s, s, m.in_channels),
+        "clip_l": (b, CLIP_TOKENS, wl),
+        "clip_g": (b, CLIP_TOKENS, m.pooled_dim - wl),
+        "t5": (b, text_tokens - CLIP_TOKENS, m.context_dim),
+        "pooled_l": (b, wl),
+        "pooled_g": (b, m.pooled_dim - wl),
+    }
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    spec = PartitionSpec(("data", "fsdp")) if b % n_batch == 0 else PartitionSpec()
+    batch = {
+        k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=NamedSharding(mesh, spec)) for k, v in shapes.items()
+    }
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    with mesh_context(mesh):
+        step, _ = step_fns(cfg, tx, shardings, None)
+        return [analyse("train step", step, (state, batch, rng), resident=sharded_nbytes(state))]
+
+
+# Sampling.
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    height: int = 1024
+    width: int = 1024
+    batch: int = 1  # images per call
+    steps: int = 28
+    cfg: bool = True  # classifier-free guidance (two MMDiT passes a step)
+    t5_tokens: int = 256  # T5 sequence (max_sequence_length); 0: no T5 (and none loaded)
+    dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    """The configs of the pipeline's other networks (None: the released SD3 ones)."""
+
+    clip_l: Any = None
+    clip_g: Any = None
+    t5: Any = None
+    vae: Any = None
+
+    def released(self) -> Encoders:
+        from sd3_jax.nn.clip import CLIPConfig
+        from sd3_jax.nn.t5 import T5Config
+        from sd3_jax.nn.vae import VAEConfig
+
+        return Encoders(
+            self.clip_l or CLIPConfig.clip_l(),
+            self.clip_g or CLIPConfig.clip_g(),
+            self.t5 or T5Config.t5_xxl(),
+            self.vae or VAEConfig.sd3(),
+        )
+
+
+def sample_programs(
+    model,
+    spec: SampleSpec,
+    devices: Sequence[Any],
+    mesh_cfg=None,
+    encoders: Encoders = Encoders(),
+    only_denoiser: bool = False,
+) -> list[Program]:
+    """Compiles the jitted functions `SD3Pipeline.generate` runs (CLIP-L, CLIP-G, T5, the denoising loop,
+    the VAE decode) for `model` (an MMDiTConfig) on `devices`, with the shardings `SD3Pipeline.load` gives
+    (MMDiT by the rules, the rest replicated). `only_denoiser`: the loop alone."""
+    from sd3_jax.convert import text_encoders
+    from sd3_jax.convert import vae as vae_convert
+    from sd3_jax.convert.mmdit import abstract_params
+    from sd3_jax.pipeline import decode, denoise
+    from sd3_jax.sharding.mesh import MeshConfig, make_mesh, tree_shardings
+    from sd3_jax.text import _clip_apply, _t5_apply
+    from sd3_jax.train.loop import mesh_context
+
+    dtype = jnp.dtype(spec.dtype)
+    mesh = make_mesh(mesh_cfg or MeshConfig(), devices)
+    rep = NamedSharding(mesh, PartitionSpec())
+    replicated = lambda tree: _abstract(tree, jax.tree.map(lambda _: rep, tree), dtype)
+    n = spec.batch * (2 if spec.cfg else 1)  # prompts encoded: the batch and its negatives
+    enc = encoders.released()
+    lh, lw = spec.height // enc.vae.factor, spec.width // enc.vae.factor
+    jobs = []  # (name, jitted fn, args, static kwargs, resident params); abstract trees built off-mesh
+    for name, ccfg in (("CLIP-L", enc.clip_l), ("CLIP-G", enc.clip_g)):
+        ids = jax.ShapeDtypeStruct((n, ccfg.max_length), jnp.int32, sharding=rep)
+        fn = jax.jit(functools.partial(_clip_apply, config=ccfg, dtype=dtype, skip=0))
+        jobs.append((name, fn, replicated(text_encoders.clip_abstract(ccfg)), (ids,), {}))
+    if spec.t5_tokens:
+        ids = jax.ShapeDtypeStruct((n, spec.t5_tokens), jnp.int32, sharding=rep)
+        fn = jax.jit(functools.partial(_t5_apply, config=enc.t5, dtype=dtype))
+        jobs.append(("T5-XXL", fn, replicated(text_encoders.t5_abstract(enc.t5)), (ids,), {}))
+    p = _abstract(abstract_params(model), tree_shardings(abstract_params(model, boxed=True), mesh), dtype)
+    x = jax.ShapeDtypeStruct((spec.batch, lh, lw, model.in_channels), dtype, sharding=rep)
+    tokens = enc.clip_l.max_length + spec.t5_tokens  # CLIP-L and CLIP-G join on channels, T5 follows
+    cond = {
+        "context": jax.ShapeDtypeStruct((spec.batch, tokens, model.context_dim), dtype, sharding=rep),
+        "pooled": jax.ShapeDtypeStruct((spec.batch, model.pooled_dim), dtype, sharding=rep),
+    }
+    sigmas = jax.ShapeDtypeStruct((spec.steps + 1,), jnp.float32, sharding=rep)
+    scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    kw = dict(config=model.replace(dtype=dtype), sampler="euler", use_cfg=spec.cfg)
+    jobs.append(("MMDiT loop", denoise, p, (x, sigmas, cond, cond if spec.cfg else None, scale), kw))
+    vae = replicated(vae_convert.abstract_params(enc.vae))
+    jobs.append(("VAE decode", decode, vae, (x,), dict(config=enc.vae)))
+    if only_denoiser:
+        jobs = [j for j in jobs if j[0] == "MMDiT loop"]
+    with mesh_context(mesh):
+        return [
+            analyse(name, fn, (params, *args), resident=sharded_nbytes(params), **kw)
+            for name, fn, params, args, kw in jobs
+        ]
+
+
+def peak_bytes(programs: Sequence[Program]) -> int:
+    """Per-device peak over a run of `programs`: every program's resident weights stay in HBM together,
+    plus the largest of the programs' own other arguments, outputs, temporaries and code."""
+    resident = sum(p.resident for p in programs)
+    return resident + max(p.total - p.resident for p in programs)
+
+
+def chip_hbm(device: Any) -> int | None:
+    gib = CHIP_HBM_GIB.get(device.device_kind)
+    return gib * GIB if gib else None
+
+
+def attention_backends(model, dtype: str, devices: Sequence[Any]) -> str:
+    """Which backend the MMDiT's attention runs on these devices."""
+    from sd3_jax.nn.attention import select_backend
+
+    if model.attention != "auto":
+        return model.attention
+    return select_backend(jnp.dtype(dtype), devices[0].platform)
+
+
+def report(programs: Sequence[Program], device: Any, n_devices: int) -> list[str]:
+    """The lines `sd3-jax plan` prints; the last is `peak per device: N.N GiB of M GiB (fits)`."""
+    g = lambda b: f"{b / GIB:6.2f}"
+    lines = [f"{'program':12s} {'args':>7s} {'temp':>7s} {'total':>7s} GiB  compile   collectives"]
+    for p in programs:
+        coll = ", ".join(f"{k} {v}" for k, v in p.collectives.items()) or "none"
+        kern = f"; {p.custom_calls} TPU kernel calls" if p.custom_calls else ""
+        lines.append(
+            f"{p.name:12s} {g(p.argument)} {g(p.temp)} {g(p.total)}      {p.compile_s:6.1f} s  {coll}{kern}"
+        )
+    peak, hbm = peak_bytes(programs), chip_hbm(device)
+    if len(programs) > 1:
+        lines.append(
+            f"weights resident together: {sum(p.resident for p in programs) / GIB:.2f} GiB per device"
+        )
+    if hbm is None:
+        lines.append(f"peak per device: {peak / GIB:.1f} GiB ({device.device_kind}: HBM unknown)")
+    else:
+        fits = "fits" if peak <= hbm else "does not fit"
+        lines.append(f"peak per device: {peak / GIB:.1f} GiB of {hbm / GIB:.0f} GiB ({fits})")
+    return lines
+
+
+def run(
+    topology: str,
+    task: str,
+    cfg: Any,
+    resolution: tuple[int, int] = (1024, 1024),
+    text_tokens: int = 333,
+    sample: SampleSpec | None = None,
+) -> tuple[list[Program], list[str]]:
+    """What `sd3-jax plan` does: compile `task` ("train" or "sample") of `cfg` (a TrainConfig) for a slice.
+
+    Training takes square `resolution` latents (its height) and `text_tokens` (77 CLIP + T5); sampling takes
+    `sample` (height and width from `resolution` when not given). Returns the programs and report lines.
+    """
+    if task not in ("train", "sample"):
+        raise ValueError(f"plan: task must be train or sample, got {task!r}")
+    h, w = resolution
+    if h % 16 or w % 16 or h <= 0 or w <= 0:
+        raise ValueError(f"plan: resolution must be positive multiples of 16, got {w}x{h}")
+    if text_tokens <= CLIP_TOKENS:
+        raise ValueError(f"plan: text tokens must exceed the {CLIP_TOKENS} CLIP tokens, got {text_tokens}")
+    devices = topology_devices(topology)
+    dtype = cfg.compute_dtype
+    header = [
+        f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh {mesh_line(cfg.mesh, len(devices))}",
+        f"attention: {attention_backends(cfg.model, dtype, devices)}; remat {cfg.model.remat}; dtype {dtype}",
+    ]
+    if task == "train":
+        if h != w:
+            raise ValueError(f"plan: training compiles square latents, got {w}x{h}")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, latent_size=h // 8))
+        header.append(f"train step: batch {cfg.batch_size} at {h}x{h} px, {text_tokens} text tokens")
+        programs = train_programs(cfg, devices, text_tokens)
+    else:
+        spec = sample or SampleSpec(height=h, width=w, t5_tokens=text_tokens - CLIP_TOKENS, dtype=dtype)
+        header.append(
+            f"sample: {spec.batch} image(s) at {spec.width}x{spec.height} px, {spec.steps} steps, "
+            f"{'CFG' if spec.cfg else 'no CFG'}, {CLIP_TOKENS + spec.t5_tokens} text tokens"
+        )
+        programs = sample_programs(cfg.model, spec, devices, cfg.mesh)
+    lines = header + report(programs, devices[0], len(devices))
+    lines.insert(-1, f"compile: {sum(p.compile_s for p in programs):.1f} s on this host")
+    return programs, lines
+
+
+def mesh_line(mesh_cfg: Any, n: int) -> str:
+    data, fsdp, tensor = mesh_cfg.sizes(n)
+    return f"data={data} fsdp={fsdp} tensor={tensor}"
