@@ -582,6 +582,9 @@ def render_markdown(results_dir: str = RESULTS) -> str:
         _conversion_header,
     )
     lines += _compile_section(results_dir)
+    import tpu_fit
+
+    lines += tpu_fit.render(results_dir)
     return "\n".join(lines).rstrip() + "\n"
 
 

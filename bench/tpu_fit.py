@@ -2,6 +2,8 @@
 
     python bench/tpu_fit.py --task sample [--out bench/results/tpu-fit-sample.json]
     python bench/tpu_fit.py --task train [--out bench/results/tpu-fit-train.json]
+    python bench/tpu_fit.py --task bucket [--out bench/results/tpu-fit-bucket.json]
+    python bench/tpu_fit.py --task max-batch [--max-batch-on v5p:2x2x2,v5e:4x8]   (adds to the train rows)
 
 Every row is compiled for its TPU slice on this host (libtpu, `jax.experimental.topologies`); the figures
 are the compiler's static per-chip allocation (`memory_analysis`). Rows are appended to the JSON as they are
@@ -30,7 +32,7 @@ from sd3_jax import plan  # noqa: E402
 MODELS = ("sd3_medium", "sd35_medium", "sd35_large")
 SLICES = ("v5e:2x4", "v5p:2x2x2", "v6e:2x4")  # 8 chips each
 LARGE_SLICE = ("sd35_large", "v5e:4x8")  # 32 chips: SD3.5 Large training does not fit 8 v5e chips
-MAX_BATCH_REMAT = ("none", "dots", "full")
+MAX_BATCH_REMAT = ("none", "full", "dots")
 
 
 def _versions() -> dict:
@@ -100,7 +102,8 @@ def _train_peak(model, res, per_chip, devices, remat) -> tuple[list, int]:
 
 
 def max_batch(model: str, res: int, devices, remat: str, first=None) -> dict:
-    """Largest images per chip that fit, from compiles at 1 and 2 per chip and a confirming compile."""
+    """Largest images per chip that fit: compiles at 1 and 2 per chip, memory taken as affine in the batch to
+    predict the largest, and that batch compiled to confirm (stepping down while it does not fit)."""
     hbm = plan.chip_hbm(devices[0])
     p1 = first if first is not None else _train_peak(model, res, 1, devices, remat)[1]
     if p1 > hbm:
@@ -146,7 +149,7 @@ def run_sample(out: str) -> None:
                       f"({'fits' if row['fits'] else 'does not fit'})", flush=True)  # fmt: skip
 
 
-def run_train(out: str, max_batch_on: tuple[str, ...]) -> None:
+def run_train(out: str) -> None:
     doc = _load(out)
     done = {(r["model"], r["topology"], r["res"]) for r in doc["results"]}
     jobs = [(m, t, r) for t in SLICES for m in MODELS for r in (256, 512, 1024)]
@@ -156,37 +159,173 @@ def run_train(out: str, max_batch_on: tuple[str, ...]) -> None:
         if (model, topology, res) in done:
             continue
         devices = devices_of.setdefault(topology, plan.topology_devices(topology))
-        progs, p1 = _train_peak(model, res, 1, devices, "none")
+        progs, _ = _train_peak(model, res, 1, devices, "none")
         row = {"model": model, "topology": topology, "chips": len(devices), "res": res, "per_chip": 1}
         row.update(_figures(progs, devices[0]))
-        if topology in max_batch_on:
-            row["max_batch"] = {
-                remat: max_batch(model, res, devices, remat, p1 if remat == "none" else None)
-                for remat in MAX_BATCH_REMAT
-            }
         doc["results"].append(row)
         _save(out, doc)
-        mb = {k: v["max_per_chip"] for k, v in row.get("max_batch", {}).items()}
         print(f"{model:12s} {topology:10s} {res:5d} px: {row['peak_gib']:6.2f} GiB "
-              f"({'fits' if row['fits'] else 'does not fit'}) max per chip {mb}", flush=True)  # fmt: skip
+              f"({'fits' if row['fits'] else 'does not fit'})", flush=True)  # fmt: skip
+
+
+def run_max_batch(out: str, topologies: tuple[str, ...]) -> None:
+    """Adds the largest batch per chip under each remat policy to the training rows of `topologies`."""
+    doc = _load(out)
+    devices_of = {}
+    for remat in MAX_BATCH_REMAT:
+        for row in doc["results"]:
+            if row["topology"] not in topologies or remat in row.get("max_batch", {}):
+                continue
+            devices = devices_of.setdefault(row["topology"], plan.topology_devices(row["topology"]))
+            first = row["peak_gib"] * plan.GIB if remat == "none" else None
+            row.setdefault("max_batch", {})[remat] = max_batch(
+                row["model"], row["res"], devices, remat, first
+            )
+            _save(out, doc)
+            print(f"{row['model']:12s} {row['topology']:10s} {row['res']:5d} px remat {remat}: "
+                  f"{row['max_batch'][remat]}", flush=True)  # fmt: skip
+
+
+def run_bucket(out: str, topology: str = "v5p:2x2x2", size=(1216, 832), text_tokens: int = 154) -> None:
+    """Each model at a non-square bucket and 154 text tokens (77 CLIP + 77 T5): the train step (one image
+    per chip) and the sampling loop (one image, CFG), to show the padded kernel takes those lengths too."""
+    from sd3_jax.nn.mmdit import MMDiTConfig
+
+    doc = _load(out)
+    done = {(r["model"], r["task"]) for r in doc["results"]}
+    devices = plan.topology_devices(topology)
+    w, h = size
+    for model in MODELS:
+        for task in ("train", "sample"):
+            if (model, task) in done:
+                continue
+            if task == "train":
+                cfg = _train_cfg(model, h, 1, len(devices))  # latents: the bucket below
+                progs = plan.train_programs(cfg, devices, text_tokens, (h // 8, w // 8))
+            else:
+                cfg = getattr(MMDiTConfig, model)(attention="pallas")
+                spec = plan.SampleSpec(height=h, width=w, t5_tokens=text_tokens - plan.CLIP_TOKENS)
+                progs = plan.sample_programs(cfg, spec, devices, only_denoiser=True)
+            row = {
+                "model": model,
+                "task": task,
+                "topology": topology,
+                "size": f"{w}x{h}",
+                "tokens": text_tokens,
+            }
+            row.update(_figures(progs, devices[0]))
+            doc["results"].append(row)
+            _save(out, doc)
+            print(f"{model:12s} {task:6s} {w}x{h}: {row['peak_gib']:6.2f} GiB, kernel calls "
+                  f"{[p['kernel_calls'] for p in row['programs']]}", flush=True)  # fmt: skip
+
+
+NAMES = {"sd3_medium": "SD3 Medium", "sd35_medium": "SD3.5 Medium", "sd35_large": "SD3.5 Large"}
+
+
+def _fit(r: dict) -> str:
+    return f"{r['peak_gib']:.1f} of {r['hbm_gib']} ({'fits' if r['fits'] else '**does not fit**'})"
+
+
+def render(results_dir: str) -> list[str]:
+    """The BENCHMARKS.md section: sampling and training fit tables and the non-square bucket compiles."""
+    docs = {
+        k: _load_if(os.path.join(results_dir, f"tpu-fit-{k}.json")) for k in ("sample", "train", "bucket")
+    }
+    out = ["## TPU: what fits, compiled from this host (`sd3-jax plan`)", ""]
+    if not any(docs.values()):
+        return out + [
+            "Not generated yet: `python bench/tpu_fit.py --task sample|train|bucket|max-batch`.",
+            "",
+        ]
+    meta = next(d["meta"] for d in docs.values() if d)
+    out += [
+        f"`bench/tpu_fit.py` through `sd3_jax.plan`, {meta['date']}, jax {meta['jax']}, "
+        f"libtpu {meta['libtpu']}, on the 2-core CPU host (no TPU): each row is the TPU compiler's static "
+        "per-chip allocation "
+        "(`compiled.memory_analysis()`: arguments + outputs - donated + temporaries + code), not a runtime "
+        "measurement (no allocator fragmentation, no host memory). MMDiT attention is the splash kernel "
+        '(`attention="pallas"`), fsdp over the whole slice, bf16 compute. Chip HBM: v5e 16 GiB, v5p 95, '
+        "v6e 32. Peak per chip in GiB.",
+        "",
+    ]
+    if docs["sample"]:
+        out += [
+            "### Sampling at 1024x1024 (28 Euler steps, CFG, 333 text tokens, bf16)",
+            "",
+            "Peak = the weights of CLIP-L, CLIP-G, T5-XXL (replicated, as `SD3Pipeline.load` places them) "
+            "and of the MMDiT (sharded) together, plus the largest working set of any one program (text "
+            "encoders, the denoising loop, the VAE decode).",
+            "",
+            "| model | slice | batch | peak per chip (GiB of HBM) | denoising loop temporaries | compile s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in docs["sample"]["results"]:
+            loop = next(p for p in r["programs"] if p["name"] == "MMDiT loop")
+            cells = [NAMES[r["model"]], r["topology"], r["batch"], _fit(r), f"{loop['temp_gib']:.2f}"]
+            out.append("| " + " | ".join(str(c) for c in cells) + f" | {r['compile_s']} |")
+        out.append("")
+    if docs["train"]:
+        out += [
+            "### Training step (fp32 params, Adam and EMA; bf16 compute; 333 text tokens)",
+            "",
+            "One image per chip, no remat. Largest images per chip under each remat policy where measured: "
+            "compiled at 1 and 2 per chip, memory affine in the batch predicts the largest, which is then "
+            "compiled to confirm; 0 means one image does not fit.",
+            "",
+            "| model | slice | px | peak per chip at 1 image/chip (GiB of HBM) | largest batch per chip: "
+            "none / full / dots | compile s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in docs["train"]["results"]:
+            mb = r.get("max_batch", {})
+            best = " / ".join(str(mb[k]["max_per_chip"]) if k in mb else "-" for k in MAX_BATCH_REMAT)
+            out.append(
+                f"| {NAMES[r['model']]} | {r['topology']} ({r['chips']} chips) | {r['res']} | {_fit(r)} | "
+                f"{best} | {r['compile_s']} |"
+            )
+        out.append("")
+    if docs["bucket"]:
+        out += [
+            "### A non-square bucket with 154 text tokens (77 CLIP + 77 T5)",
+            "",
+            "| model | program | slice | size | peak per chip (GiB of HBM) | splash kernel calls |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in docs["bucket"]["results"]:
+            calls = sum(p["kernel_calls"] for p in r["programs"])
+            what = "train step, 1 image/chip" if r["task"] == "train" else "sampling loop, 1 image, CFG"
+            out.append(
+                f"| {NAMES[r['model']]} | {what} | {r['topology']} | {r['size']} | {_fit(r)} | {calls} |"
+            )
+        out.append("")
+    return out
+
+
+def _load_if(path: str) -> dict | None:
+    return _load(path) if os.path.exists(path) else None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", required=True, choices=["sample", "train"])
+    ap.add_argument("--task", required=True, choices=["sample", "train", "bucket", "max-batch"])
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--max-batch-on",
         default="v5p:2x2x2,v5e:4x8",
-        help="slices whose training rows also get the largest batch per remat policy",
+        help="max-batch: the slices whose training rows get the largest batch per remat policy",
     )
     a = ap.parse_args()
-    out = a.out or f"bench/results/tpu-fit-{a.task}.json"
+    out = a.out or f"bench/results/tpu-fit-{'train' if a.task == 'max-batch' else a.task}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if a.task == "sample":
         run_sample(out)
+    elif a.task == "bucket":
+        run_bucket(out)
+    elif a.task == "train":
+        run_train(out)
     else:
-        run_train(out, tuple(s for s in a.max_batch_on.split(",") if s))
+        run_max_batch(out, tuple(s for s in a.max_batch_on.split(",") if s))
 
 
 if __name__ == "__main__":

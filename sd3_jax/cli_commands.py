@@ -120,7 +120,7 @@ def _plan(a: argparse.Namespace) -> None:
 
     cfg = load_config(a.config) if a.config else TrainConfig(model=MMDiTConfig.sd3_medium())
     cfg = apply_overrides(cfg, a.set)
-    w, h = parse_size(a.size) if "x" in a.size.lower() else (int(a.size), int(a.size))
+    w, h = parse_size(a.size if "x" in a.size.lower() else f"{a.size}x{a.size}")
     sample = None
     if a.task == "sample":
         if a.steps < 1 or a.batch < 1:
@@ -189,7 +189,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--task", required=True, choices=["train", "sample"])
     pl.add_argument("--config", help="experiments/NAME.py defining get_config() (default: SD3 Medium)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
-    pl.add_argument("--size", default="1024", help="pixels: N (square) or WxH (sample)")
+    pl.add_argument("--size", default="1024", help="pixels: N (square) or WxH (an aspect-ratio bucket)")
     pl.add_argument("--text-tokens", type=int, default=333, help="77 CLIP + T5 tokens (default 77 + 256)")
     pl.add_argument("--batch", type=int, default=1, help="sample: images per call")
     pl.add_argument("--steps", type=int, default=28, help="sample: denoising steps")

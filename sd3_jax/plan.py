@@ -136,11 +136,14 @@ def _abstract(tree: Any, shardings: Any, dtype: Any = None) -> Any:
 # Training.
 
 
-def train_programs(cfg, devices: Sequence[Any], text_tokens: int = 333) -> list[Program]:
+def train_programs(
+    cfg, devices: Sequence[Any], text_tokens: int = 333, latent_hw: tuple[int, int] | None = None
+) -> list[Program]:
     """Compiles `sd3-jax train`'s jitted step for `cfg` (a TrainConfig) on `devices`.
 
-    The batch is what a prepared dataset gives: `data.latent_size` square latents, CLIP-L/G hidden states
-    of 77 tokens and T5's of `text_tokens - 77`, in float32.
+    The batch is what a prepared dataset gives: latents of `latent_hw` (default: `data.latent_size`
+    square; an aspect-ratio bucket otherwise), CLIP-L/G hidden states of 77 tokens and T5's of
+    `text_tokens - 77`, in float32.
     """
     from sd3_jax.sharding.mesh import make_mesh
     from sd3_jax.train.loop import mesh_context, step_fns
@@ -150,10 +153,11 @@ def train_programs(cfg, devices: Sequence[Any], text_tokens: int = 333) -> list[
     tx = make_optimizer(cfg.optim, cfg.steps)
     shardings = state_shardings(cfg, tx, mesh)
     state = abstract_state(cfg, tx, mesh)
-    m, b, s = cfg.model, cfg.batch_size, cfg.data.latent_size
+    m, b = cfg.model, cfg.batch_size
+    lh, lw = latent_hw or (cfg.data.latent_size, cfg.data.latent_size)
     wl = m.pooled_dim * 3 // 8  # CLIP-L's width: 768 of SD3's 2048 pooled channels, CLIP-G the rest
     shapes = {
-        "latents": (b, s, s, m.in_channels),
+        "latents": (b, lh, lw, m.in_channels),
         "clip_l": (b, CLIP_TOKENS, wl),
         "clip_g": (b, CLIP_TOKENS, m.pooled_dim - wl),
         "t5": (b, text_tokens - CLIP_TOKENS, m.context_dim),
@@ -318,8 +322,8 @@ def run(
 ) -> tuple[list[Program], list[str]]:
     """What `sd3-jax plan` does: compile `task` ("train" or "sample") of `cfg` (a TrainConfig) for a slice.
 
-    Training takes square `resolution` latents (its height) and `text_tokens` (77 CLIP + T5); sampling takes
-    `sample` (height and width from `resolution` when not given). Returns the programs and report lines.
+    Both take `resolution` (height, width) in pixels and `text_tokens` (77 CLIP + T5); sampling takes the
+    rest from `sample`. Returns the programs and report lines.
     """
     if task not in ("train", "sample"):
         raise ValueError(f"plan: task must be train or sample, got {task!r}")
@@ -332,14 +336,12 @@ def run(
     dtype = cfg.compute_dtype
     header = [
         f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh {mesh_line(cfg.mesh, len(devices))}",
-        f"attention: {attention_backends(cfg.model, dtype, devices)}; remat {cfg.model.remat}; dtype {dtype}",
+        f"MMDiT attention: {attention_backends(cfg.model, dtype, devices)}; remat {cfg.model.remat}; "
+        f"dtype {dtype}",
     ]
     if task == "train":
-        if h != w:
-            raise ValueError(f"plan: training compiles square latents, got {w}x{h}")
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, latent_size=h // 8))
-        header.append(f"train step: batch {cfg.batch_size} at {h}x{h} px, {text_tokens} text tokens")
-        programs = train_programs(cfg, devices, text_tokens)
+        header.append(f"train step: batch {cfg.batch_size} at {w}x{h} px, {text_tokens} text tokens")
+        programs = train_programs(cfg, devices, text_tokens, (h // 8, w // 8))
     else:
         spec = sample or SampleSpec(height=h, width=w, t5_tokens=text_tokens - CLIP_TOKENS, dtype=dtype)
         header.append(
@@ -347,6 +349,7 @@ def run(
             f"{'CFG' if spec.cfg else 'no CFG'}, {CLIP_TOKENS + spec.t5_tokens} text tokens"
         )
         programs = sample_programs(cfg.model, spec, devices, cfg.mesh)
+        header.append("CLIP and T5 attention: xla (CLIP's causal mask and T5's position bias are no kernel's)")
     lines = header + report(programs, devices[0], len(devices))
     lines.insert(-1, f"compile: {sum(p.compile_s for p in programs):.1f} s on this host")
     return programs, lines

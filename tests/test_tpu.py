@@ -196,7 +196,7 @@ def test_plan_cli_prints_fit_line_and_no_noise(tmp_path):
     assert r.stderr == "", r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("peak per device: ") and last.endswith("GiB of 16 GiB (fits)"), r.stdout
-    assert "attention: pallas" in r.stdout and "TPU kernel calls" in r.stdout
+    assert "MMDiT attention: pallas" in r.stdout and "TPU kernel calls" in r.stdout
 
     bad = subprocess.run(
         cmd[:5] + ["v9z:1x1"] + cmd[6:], capture_output=True, text=True, env=env, timeout=600
