@@ -66,7 +66,7 @@ def _figures(programs, device) -> dict:
     return {
         "peak_gib": round(peak / plan.GIB, 2),
         "hbm_gib": round(hbm / plan.GIB),
-        "fits": peak <= hbm,
+        "fits": peak <= hbm and not any(p.oom for p in programs),
         "compile_s": round(sum(p.compile_s for p in programs), 1),
         "programs": [
             {
@@ -76,6 +76,7 @@ def _figures(programs, device) -> dict:
                 "total_gib": round(p.total / plan.GIB, 2),
                 "collectives": p.collectives,
                 "kernel_calls": p.custom_calls,
+                **({"oom": p.oom} if p.oom else {}),
             }
             for p in programs
         ],
@@ -97,8 +98,10 @@ def _train_cfg(model: str, res: int, per_chip: int, chips: int, remat: str = "no
 
 
 def _train_peak(model, res, per_chip, devices, remat) -> tuple[list, int]:
+    """The programs and their peak; a program the compiler refuses counts as larger than the chip."""
     progs = plan.train_programs(_train_cfg(model, res, per_chip, len(devices), remat), devices, 333)
-    return progs, plan.peak_bytes(progs)
+    peak = plan.peak_bytes(progs)
+    return progs, max(peak, plan.chip_hbm(devices[0]) + 1) if any(p.oom for p in progs) else peak
 
 
 def max_batch(model: str, res: int, devices, remat: str, first=None) -> dict:

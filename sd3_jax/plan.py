@@ -26,15 +26,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 GIB = 1024**3
 # HBM per chip (device), GiB, by jax device_kind.
 CHIP_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
-# Without these, libtpu on a host without a TPU prints errors about the host it cannot find; and only one
-# process at a time could load it (a lockfile), though compiling takes no chip.
-_QUIET_LIBTPU = {
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    "TPU_SKIP_MDS_QUERY": "1",
-    "TPU_ACCELERATOR_TYPE": "v5p-8",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_WORKER_ID": "0",
-}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 CLIP_TOKENS = 77  # each CLIP's sequence; the rest of the text tokens are T5's
 
@@ -43,7 +34,9 @@ def topology_devices(topology: str) -> list[Any]:
     """The devices of a TPU slice such as "v5p:2x2x1" or "v5e:16x16", compiled for from this host."""
     from jax.experimental import topologies
 
-    for k, v in _QUIET_LIBTPU.items():
+    from sd3_jax import QUIET_LIBTPU
+
+    for k, v in QUIET_LIBTPU.items():  # compiling needs no chip, on a TPU host or any other
         os.environ.setdefault(k, v)
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
@@ -69,6 +62,7 @@ class Program:
     collectives: dict[str, int]
     custom_calls: int  # TPU custom calls (Pallas/Mosaic kernels) in the program
     text: str = dataclasses.field(repr=False, default="")
+    oom: str = ""  # the compiler's message when the program does not fit (figures: arguments + its ask)
 
     @property
     def total(self) -> int:
@@ -78,7 +72,19 @@ class Program:
 def analyse(name: str, fn: Callable, args: Sequence[Any], resident: int = 0, **kw) -> Program:
     """Lowers and compiles jitted `fn` on abstract `args`; reads its memory and collectives."""
     t0 = time.perf_counter()
-    compiled = fn.lower(*args, **kw).compile()
+    lowered = fn.lower(*args, **kw)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses a program that cannot fit HBM; its message says how much it needed.
+        message = str(e).strip().splitlines()[0]
+        asked = _bytes_in(message)
+        arguments = sharded_nbytes(args)
+        return Program(
+            name, time.perf_counter() - t0, arguments, 0, 0, asked, 0, resident, {}, 0, oom=message
+        )
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     text = compiled.as_text()
@@ -95,6 +101,15 @@ def analyse(name: str, fn: Callable, args: Sequence[Any], resident: int = 0, **k
         custom_calls=len(re.findall(r'custom_call_target="tpu_custom_call"', text)),
         text=text,
     )
+
+
+def _bytes_in(message: str) -> int:
+    """The first size in an out-of-HBM message ("... required for HLO temporaries (19.29G) ..." or "Used
+    20.5G of 15.75G hbm"), in bytes; 0 if none."""
+    m = re.search(r"(?:required for [^(]*\(|Used )([0-9.]+)([KMGT])", message)
+    if not m:
+        return 0
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
 
 
 def count_collectives(hlo: str) -> dict[str, int]:
@@ -123,7 +138,9 @@ def sharded_nbytes(tree: Any) -> int:
         n = 1
         for d in shape:
             n *= d
-        total += n * jnp.dtype(x.dtype).itemsize
+        total += n * (
+            8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.dtype(x.dtype).itemsize
+        )
     return total
 
 
@@ -300,6 +317,10 @@ def report(programs: Sequence[Program], device: Any, n_devices: int) -> list[str
             f"{p.name:12s} {g(p.argument)} {g(p.temp)} {g(p.total)}      {p.compile_s:6.1f} s  {coll}{kern}"
         )
     peak, hbm = peak_bytes(programs), chip_hbm(device)
+    for p in programs:
+        if p.oom:
+            lines.append(f"{p.name}: the TPU compiler stopped: {p.oom}")
+            lines.append("  (its figures: the arguments plus the temporaries the compiler asked for)")
     if len(programs) > 1:
         lines.append(
             f"weights resident together: {sum(p.resident for p in programs) / GIB:.2f} GiB per device"
@@ -307,7 +328,7 @@ def report(programs: Sequence[Program], device: Any, n_devices: int) -> list[str
     if hbm is None:
         lines.append(f"peak per device: {peak / GIB:.1f} GiB ({device.device_kind}: HBM unknown)")
     else:
-        fits = "fits" if peak <= hbm else "does not fit"
+        fits = "fits" if peak <= hbm and not any(p.oom for p in programs) else "does not fit"
         lines.append(f"peak per device: {peak / GIB:.1f} GiB of {hbm / GIB:.0f} GiB ({fits})")
     return lines
 
@@ -349,10 +370,32 @@ def run(
             f"{'CFG' if spec.cfg else 'no CFG'}, {CLIP_TOKENS + spec.t5_tokens} text tokens"
         )
         programs = sample_programs(cfg.model, spec, devices, cfg.mesh)
-        header.append("CLIP and T5 attention: xla (CLIP's causal mask and T5's position bias are no kernel's)")
+        header.append(
+            "CLIP and T5 attention: xla (CLIP's causal mask and T5's position bias are no kernel's)"
+        )
     lines = header + report(programs, devices[0], len(devices))
+    lines.insert(-1, _flops_line(cfg, task, programs, (h, w), text_tokens, sample, devices))
     lines.insert(-1, f"compile: {sum(p.compile_s for p in programs):.1f} s on this host")
     return programs, lines
+
+
+def _flops_line(cfg, task, programs, resolution, text_tokens, sample, devices) -> str:
+    """MMDiT FLOPs of the step or loop from `sd3_jax/flops.py` (XLA's cost analysis counts a scanned loop's
+    body once), and the time they take at the slice's peak bf16 rate: a floor, not an estimate."""
+    from sd3_jax.flops import mmdit_forward_flops, peak_flops
+
+    h, w = resolution
+    if task == "train":
+        flops = 3 * mmdit_forward_flops(cfg.model, h // 8, w // 8, text_tokens, cfg.batch_size)
+        what = "train step (3 x forward)"
+    else:
+        spec = sample or SampleSpec(height=h, width=w)
+        per = mmdit_forward_flops(cfg.model, spec.height // 8, spec.width // 8, CLIP_TOKENS + spec.t5_tokens)
+        flops = per * spec.batch * (2 if spec.cfg else 1) * spec.steps
+        what = f"denoising loop ({spec.steps} steps)"
+    peak = peak_flops(devices[0].device_kind)
+    floor = f"; at least {flops / (peak * len(devices)) * 1e3:.3g} ms at peak bf16" if peak else ""
+    return f"MMDiT FLOPs per {what}: {flops / 1e12:.3g} TFLOP (sd3_jax/flops.py){floor}"
 
 
 def mesh_line(mesh_cfg: Any, n: int) -> str:

@@ -54,15 +54,16 @@ def test_splash_matches_xla_fp32_values_and_grads(length):
 
 
 def test_splash_matches_xla_bf16():
-    """bf16 inputs: both paths accumulate in fp32 but round probabilities/partials to bf16 at different
-    points; 2e-2 of the largest value (bf16 has 8 bits of mantissa, about 4e-3 per rounding)."""
+    """bf16 inputs against the XLA path in fp32 on the same (rounded) inputs: the kernel rounds
+    probabilities and partial sums to bf16 (8 bits of mantissa, 4e-3 a rounding); measured <= 5.2e-3 of the
+    largest value at SD3's lengths, bound 1e-2."""
     q, k, v, ct = _qkv(SD3_LENGTHS[0], jnp.bfloat16, seed=1)
     ours = jax.jit(lambda *a: attention(*a, backend="pallas", interpret=True))(q, k, v)
     ref = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), backend="xla")
-    assert_close_rel(ours, ref, 2e-2, "bf16 values")
+    assert_close_rel(ours, ref, 1e-2, "bf16 values")
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     for name, a, b in zip("qkv", _grads("pallas", q, k, v, ct), _grads("xla", *f32, ct)):
-        assert_close_rel(a, b, 2e-2, f"bf16 d{name}")
+        assert_close_rel(a, b, 1e-2, f"bf16 d{name}")
 
 
 def test_padding_is_masked_not_attended():
@@ -165,6 +166,27 @@ def test_fsdp_splits_every_weight(v5p4):
         sharded.argument, state, batch)  # fmt: skip
 
 
+def test_sd3_medium_train_state_is_split_over_fsdp(v5p4):
+    """The issue's figure: SD3 Medium's train step on 4 v5p chips, fsdp=4, 256 px, 4 images per chip, takes
+    (fp32 params + Adam moments + EMA) / 4 plus the batch per chip in arguments, within 5% (it took 15.3 GiB
+    with the adaLN kernels replicated where this is 7.7)."""
+    from sd3_jax.convert.mmdit import abstract_params
+
+    cfg = _train_cfg(MeshConfig(fsdp=4), MMDiTConfig.sd3_medium(attention="pallas"), batch=16)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, latent_size=32))
+    (prog,) = plan.train_programs(cfg, v5p4)
+    sizes = {
+        jax.tree_util.keystr(p): x.size
+        for p, x in jax.tree_util.tree_leaves_with_path(abstract_params(cfg.model))
+    }
+    n_all = sum(sizes.values())
+    n_frozen = sum(v for k, v in sizes.items() if k.endswith("['pos_embed']['pos_embed']"))
+    state = 4 * (2 * n_all + 2 * (n_all - n_frozen))  # params and EMA; Adam's two moments of trained params
+    batch = 16 * 4 * (32 * 32 * 16 + 77 * (768 + 1280) + 256 * 4096 + 2048)
+    expected = (state + batch) / 4
+    assert abs(prog.argument - expected) <= 0.05 * expected, (prog.argument, expected)
+
+
 def test_tiny_sampling_compiles_for_tpu(v5e8):
     """The denoising loop, the text encoders and the VAE decode compile for a TPU slice; the loop has the
     kernel; the peak counts every component's weights."""
@@ -198,6 +220,15 @@ def test_plan_cli_prints_fit_line_and_no_noise(tmp_path):
     assert last.startswith("peak per device: ") and last.endswith("GiB of 16 GiB (fits)"), r.stdout
     assert "MMDiT attention: pallas" in r.stdout and "TPU kernel calls" in r.stdout
 
+    # 16384 images per chip: the TPU compiler refuses the program; plan reports it, exit 0
+    big = subprocess.run(
+        cmd[:-1] + ["batch_size=65536"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert big.returncode == 0 and big.stderr == "", big.stderr
+    lines = big.stdout.strip().splitlines()
+    assert lines[-1].startswith("peak per device: ") and lines[-1].endswith("GiB of 16 GiB (does not fit)")
+    assert float(lines[-1].split()[3]) > 16 and "RESOURCE_EXHAUSTED" in big.stdout, big.stdout
+
     bad = subprocess.run(
         cmd[:5] + ["v9z:1x1"] + cmd[6:], capture_output=True, text=True, env=env, timeout=600
     )
@@ -214,3 +245,22 @@ def test_auto_picks_the_kernel_under_a_tpu_mesh(v5p4):
         assert select_backend(jnp.bfloat16) == "pallas"
     assert plan.attention_backends(MMDiTConfig.tiny(), "bfloat16", v5p4) == "pallas"
     assert np.isclose(plan.chip_hbm(v5p4[0]) / plan.GIB, 95)
+
+
+def test_no_libtpu_noise_without_jax_platforms():
+    """With libtpu installed and no TPU here, importing sd3_jax before jax looks for devices keeps libtpu's
+    start-up errors off stderr (every CLI command and the demo import it first); two such processes may
+    hold libtpu at once."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)
+    code = "import sd3_jax, jax; print(jax.devices()[0].platform)"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "cpu", err
+        assert err == "", err
