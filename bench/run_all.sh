@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Runs the benchmarks of one device preset, then regenerates BENCHMARKS.md from bench/results/*.json.
 #
-#   bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion]
+#   bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion] [--tpu-fit]
 #
 # cpu (default): the small configs on this host, each script a few minutes at most; sampling and training
 #   run twice, each framework with its default threads and then both pinned to one thread.
 # gpu: the full SD3 Medium sizes on the first GPU (sampling at 1024 px, training sweeps at 256 and 512 px).
 # both: cpu, then gpu.
+# --tpu-fit: also the TPU fit table (bench/tpu_fit.py: hours of TPU compiles on this host, resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=cpu
 CONVERSION=1
+TPU_FIT=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --skip-conversion) CONVERSION=0; shift ;;
-    *) echo "usage: bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion]" >&2; exit 2 ;;
+    --tpu-fit) TPU_FIT=1; shift ;;
+    *) echo "usage: bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion] [--tpu-fit]" >&2; exit 2 ;;
   esac
 done
 case "$DEVICE" in
@@ -51,6 +54,13 @@ for d in "${DEVICES[@]}"; do
   echo "== $d: compile time of the full presets"
   JAX_PLATFORMS="$platform" python bench/compile.py --out "bench/results/compile-$d.json"
 done
+
+if [[ "$TPU_FIT" == 1 ]]; then
+  for task in sample train bucket max-batch; do
+    echo "== TPU fit: $task"
+    JAX_PLATFORMS=cpu python bench/tpu_fit.py --task "$task"
+  done
+fi
 
 python bench/common.py --render --out BENCHMARKS.md
 echo "wrote BENCHMARKS.md"

@@ -235,12 +235,12 @@ def render(results_dir: str) -> list[str]:
     docs = {
         k: _load_if(os.path.join(results_dir, f"tpu-fit-{k}.json")) for k in ("sample", "train", "bucket")
     }
+    import tpu_attention
+
     out = ["## TPU: what fits, compiled from this host (`sd3-jax plan`)", ""]
     if not any(docs.values()):
-        return out + [
-            "Not generated yet: `python bench/tpu_fit.py --task sample|train|bucket|max-batch`.",
-            "",
-        ]
+        out += ["Not generated yet: `python bench/tpu_fit.py --task sample|train|bucket|max-batch`.", ""]
+        return out + tpu_attention.render(results_dir)
     meta = next(d["meta"] for d in docs.values() if d)
     out += [
         f"`bench/tpu_fit.py` through `sd3_jax.plan`, {meta['date']}, jax {meta['jax']}, "
@@ -302,7 +302,7 @@ def render(results_dir: str) -> list[str]:
                 f"| {NAMES[r['model']]} | {what} | {r['topology']} | {r['size']} | {_fit(r)} | {calls} |"
             )
         out.append("")
-    return out
+    return out + tpu_attention.render(results_dir)
 
 
 def _load_if(path: str) -> dict | None:
