@@ -253,6 +253,20 @@ def test_bad_input(tiny, tmp_path, capsys):
     write_safetensors(other, {"down_blocks.0.resnets.0.conv1.weight": np.ones((4, 4, 3, 3), np.float32)})
     assert main(["convert", str(other), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "unsupported architecture" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # A diffusers-layout transformer file with one tensor removed: one line naming it, nothing written.
+    assert (
+        main(["export", str(root / "ckpt_t51"), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
+    )
+    from sd3_jax.convert.safetensors_io import SafetensorsFile
+
+    holed = tmp_path / "d" / "transformer" / "diffusion_pytorch_model.safetensors"
+    gone = "transformer_blocks.0.attn.add_k_proj.bias"
+    with SafetensorsFile(holed) as f:
+        tensors = {k: f.read(k) for k in f.keys() if k != gone}
+    write_safetensors(holed, tensors)
+    assert main(["convert", str(tmp_path / "d"), "--out", str(tmp_path / "o4"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and gone in err and not (tmp_path / "o4").exists(), err
     # Full pipeline without tokenizers.
     sai = tmp_path / "full.safetensors"
     assert main(["export", str(root / "ckpt_t51"), "--format", "sai", "--out", str(sai)]) == 0
@@ -262,8 +276,6 @@ def test_bad_input(tiny, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".o")]  # no scratch left behind
     # A missing component: a transformer-only checkpoint cannot sample.
     t_only = tmp_path / "transformer.safetensors"
-    from sd3_jax.convert.safetensors_io import SafetensorsFile
-
     with SafetensorsFile(sai) as f:
         write_safetensors(
             t_only,

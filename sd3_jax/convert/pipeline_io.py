@@ -21,7 +21,7 @@ from sd3_jax.convert import components as comp
 from sd3_jax.convert import mmdit as mmdit_convert
 from sd3_jax.convert import text_encoders as te
 from sd3_jax.convert import vae as vae_convert
-from sd3_jax.convert.mapping import CheckpointError, iter_params, source_shapes, to_source
+from sd3_jax.convert.mapping import CheckpointError, check_keys, iter_params, source_shapes, to_source
 from sd3_jax.convert.orbax_io import (
     atomic_directory,
     config_to_json,
@@ -105,6 +105,8 @@ def convert(
                 f"text encoders need their tokenizers: pass --tokenizers DIR, a diffusers folder holding "
                 f"{', '.join(m + '/' for m in missing)} (e.g. the stable-diffusion-3-medium-diffusers folder)"
             )
+    for p in plans:  # names first: a missing tensor is one error line before anything is sized or read
+        check_keys(p.src, p.rules, p.what)
     total = sum(_nbytes(p) for p in plans)
     bar = None
     if progress:
