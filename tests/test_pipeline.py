@@ -224,6 +224,17 @@ def test_convert_export_round_trip_bitwise(tiny, tmp_path):
     StableDiffusion3Pipeline.from_pretrained(str(out))
 
 
+def test_load_logs_no_warnings(tiny, caplog):
+    """Loading a converted checkpoint logs nothing at WARNING: orbax's reader used to warn that each
+    component's `state/_CHECKPOINT_METADATA` did not exist (the writer keeps it one level up)."""
+    import logging
+
+    root, _ = tiny
+    with caplog.at_level(logging.WARNING):
+        SD3Pipeline.load(str(root / "ckpt_t51"))
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_load_from_a_relative_path(tiny, monkeypatch):
     """A checkpoint named relative to the working directory loads the same params (orbax alone finds no
     metadata under a relative path)."""

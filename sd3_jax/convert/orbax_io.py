@@ -97,29 +97,31 @@ def restore_params(directory: str, abstract: Any, dtype: Any = None, shardings: 
       dtype: dtype to restore in; None keeps the stored dtype of each param.
       shardings: a tree of `jax.sharding.Sharding` like `abstract`; None: everything on the default device.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint.experimental.v1 as ocp
 
-    ckpt = ocp.StandardCheckpointer()
-    state = os.path.join(os.path.abspath(directory), "state")  # orbax finds no metadata under relative paths
-    stored = ckpt.metadata(state).item_metadata.tree
+    # Read with the API that wrote it (`save_params_streaming`: orbax v1 partial saves), which keeps its
+    # metadata beside the component, not in state/ where the v0 StandardCheckpointer looks (and warns).
+    directory = os.path.abspath(directory)  # orbax finds no metadata under relative paths
+    stored = ocp.metadata(directory).metadata
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None:
         shardings = jax.tree.map(lambda _: device, abstract)
 
-    def target(a, m, s):
+    def target(path, a, m, s):
         if tuple(a.shape) != tuple(m.shape):
             raise CheckpointFormatError(
-                f"{directory}: stored param {m.name} is {m.shape}, model wants {a.shape}"
+                f"{directory}: stored param {jax.tree_util.keystr(path)} is {tuple(m.shape)}, model wants "
+                f"{tuple(a.shape)}"
             )
         return jax.ShapeDtypeStruct(a.shape, dtype or m.dtype, sharding=s)
 
     try:
-        targets = jax.tree.map(target, abstract, stored, shardings)
+        targets = jax.tree_util.tree_map_with_path(target, abstract, stored, shardings)
     except ValueError as e:
         raise CheckpointFormatError(
             f"{directory}: stored params do not match the model's tree: {e}"
         ) from None
-    return ckpt.restore(state, targets)
+    return ocp.load(directory, targets)
 
 
 @contextlib.contextmanager
