@@ -3,7 +3,7 @@
     python bench/tpu_fit.py --task sample [--out bench/results/tpu-fit-sample.json]
     python bench/tpu_fit.py --task train [--out bench/results/tpu-fit-train.json]
     python bench/tpu_fit.py --task bucket [--out bench/results/tpu-fit-bucket.json]
-    python bench/tpu_fit.py --task max-batch [--max-batch-on v5p:2x2x2,v5e:4x8]   (adds to the train rows)
+    python bench/tpu_fit.py --task max-batch [--max-batch-on v5p:2x2x2,v5e:4x8]
 
 Every row is compiled for its TPU slice on this host (libtpu, `jax.experimental.topologies`); the figures
 are the compiler's static per-chip allocation (`memory_analysis`). Rows are appended to the JSON as they are
@@ -171,22 +171,31 @@ def run_train(out: str) -> None:
               f"({'fits' if row['fits'] else 'does not fit'})", flush=True)  # fmt: skip
 
 
-def run_max_batch(out: str, topologies: tuple[str, ...]) -> None:
-    """Adds the largest batch per chip under each remat policy to the training rows of `topologies`."""
+def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...]) -> None:
+    """The largest batch per chip under each remat policy for the training rows of `topologies` (in their
+    own file, so that it can run beside `--task train`)."""
+    rows = [r for r in _load(train_json)["results"] if r["topology"] in topologies]
     doc = _load(out)
+    done = {(r["model"], r["topology"], r["res"], r["remat"]) for r in doc["results"]}
     devices_of = {}
     for remat in MAX_BATCH_REMAT:
-        for row in doc["results"]:
-            if row["topology"] not in topologies or remat in row.get("max_batch", {}):
+        for row in rows:
+            key = (row["model"], row["topology"], row["res"], remat)
+            if key in done:
                 continue
             devices = devices_of.setdefault(row["topology"], plan.topology_devices(row["topology"]))
-            first = row["peak_gib"] * plan.GIB if remat == "none" else None
-            row.setdefault("max_batch", {})[remat] = max_batch(
-                row["model"], row["res"], devices, remat, first
+            first = (
+                (row["peak_gib"] * plan.GIB if row["fits"] else plan.chip_hbm(devices[0]) + 1)
+                if remat == "none"
+                else None
             )
+            found = max_batch(row["model"], row["res"], devices, remat, first)
+            doc["results"].append(dict(zip(("model", "topology", "res", "remat"), key), **found))
             _save(out, doc)
-            print(f"{row['model']:12s} {row['topology']:10s} {row['res']:5d} px remat {remat}: "
-                  f"{row['max_batch'][remat]}", flush=True)  # fmt: skip
+            print(
+                f"{row['model']:12s} {row['topology']:10s} {row['res']:5d} px remat {remat}: {found}",
+                flush=True,
+            )
 
 
 def run_bucket(out: str, topology: str = "v5p:2x2x2", size=(1216, 832), text_tokens: int = 154) -> None:
@@ -233,15 +242,16 @@ def _fit(r: dict) -> str:
 def render(results_dir: str) -> list[str]:
     """The BENCHMARKS.md section: sampling and training fit tables and the non-square bucket compiles."""
     docs = {
-        k: _load_if(os.path.join(results_dir, f"tpu-fit-{k}.json")) for k in ("sample", "train", "bucket")
+        k: _load_if(os.path.join(results_dir, f"tpu-fit-{k}.json"))
+        for k in ("sample", "train", "bucket", "max-batch")
     }
     import tpu_attention
 
     out = ["## TPU: what fits, compiled from this host (`sd3-jax plan`)", ""]
-    if not any(docs.values()):
+    if not any(docs[k] for k in ("sample", "train", "bucket")):
         out += ["Not generated yet: `python bench/tpu_fit.py --task sample|train|bucket|max-batch`.", ""]
         return out + tpu_attention.render(results_dir)
-    meta = next(d["meta"] for d in docs.values() if d)
+    meta = next(d["meta"] for d in docs.values() if d)  # one jax and libtpu for every file
     out += [
         f"`bench/tpu_fit.py` through `sd3_jax.plan`, {meta['date']}, jax {meta['jax']}, "
         f"libtpu {meta['libtpu']}, on the 2-core CPU host (no TPU): each row is the TPU compiler's static "
@@ -280,8 +290,11 @@ def render(results_dir: str) -> list[str]:
             "none / full / dots | compile s |",
             "|---|---|---|---|---|---|",
         ]
+        found = {}
+        for m in docs["max-batch"]["results"] if docs["max-batch"] else []:
+            found.setdefault((m["model"], m["topology"], m["res"]), {})[m["remat"]] = m
         for r in docs["train"]["results"]:
-            mb = r.get("max_batch", {})
+            mb = found.get((r["model"], r["topology"], r["res"]), {})
             best = " / ".join(str(mb[k]["max_per_chip"]) if k in mb else "-" for k in MAX_BATCH_REMAT)
             out.append(
                 f"| {NAMES[r['model']]} | {r['topology']} ({r['chips']} chips) | {r['res']} | {_fit(r)} | "
@@ -319,7 +332,7 @@ def main() -> None:
         help="max-batch: the slices whose training rows get the largest batch per remat policy",
     )
     a = ap.parse_args()
-    out = a.out or f"bench/results/tpu-fit-{'train' if a.task == 'max-batch' else a.task}.json"
+    out = a.out or f"bench/results/tpu-fit-{a.task}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if a.task == "sample":
         run_sample(out)
@@ -328,7 +341,8 @@ def main() -> None:
     elif a.task == "train":
         run_train(out)
     else:
-        run_max_batch(out, tuple(s for s in a.max_batch_on.split(",") if s))
+        train_json = os.path.join(os.path.dirname(out), "tpu-fit-train.json")
+        run_max_batch(train_json, out, tuple(s for s in a.max_batch_on.split(",") if s))
 
 
 if __name__ == "__main__":
