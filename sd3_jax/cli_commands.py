@@ -19,7 +19,9 @@ def enable_compilation_cache() -> None:
 def _convert(a: argparse.Namespace) -> None:
     from sd3_jax.convert.pipeline_io import convert, print_summary
 
-    summary = convert(a.sources, a.out, a.dtype, a.tokenizers, progress=not a.no_progress)
+    summary = convert(
+        a.sources, a.out, a.dtype, a.tokenizers, progress=not a.no_progress, turbo=a.turbo or None
+    )
     print_summary(summary, a.out)
 
 
@@ -145,6 +147,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     c.add_argument("--tokenizers", help="diffusers-style folder with tokenizer/, tokenizer_2/, tokenizer_3/")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument(
+        "--turbo",
+        action="store_true",
+        help="SD3.5 Large Turbo weights (4 steps, no CFG by default); also recognised by 'turbo' in a name",
+    )
     c.set_defaults(fn=_convert)
 
     e = sub.add_parser("export", help="write an sd3-jax checkpoint back to a PyTorch layout")

@@ -478,3 +478,50 @@ def test_load_sharded_on_a_mesh(tiny, tmp_path):
     assert info["spec"][1] == "fsdp" and info["local"][1] * 2 == info["global"][1]  # (layers, embed, mlp)
     _, want = ours(root, True, prompt=["a photo of a cat"], steps=2, latents=lat)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, atol=1e-5)
+
+
+def test_released_models_get_their_sampling_defaults():
+    """Recognised by shapes: SD3 Medium 28 steps / CFG 7, SD3.5 Medium 40 / 4.5, SD3.5 Large 28 / 3.5, and
+    SD3.5 Large Turbo (same network; by flag) 4 steps without CFG. Other networks keep the pipeline's."""
+    from sd3_jax.convert.pipeline_io import RELEASED_SAMPLING, released_model
+    from sd3_jax.nn.mmdit import MMDiTConfig
+
+    assert released_model(MMDiTConfig.sd3_medium()) == "sd3_medium"
+    assert released_model(MMDiTConfig.sd35_medium()) == "sd35_medium"
+    assert released_model(MMDiTConfig.sd35_large()) == "sd35_large"
+    assert released_model(MMDiTConfig.sd35_large(), turbo=True) == "sd35_large_turbo"
+    assert released_model(MMDiTConfig.tiny()) is None
+    assert released_model(MMDiTConfig.sd35_large(depth=24)) is None  # close, but not a released shape
+    with pytest.raises(ValueError, match="only SD3.5 Large has a Turbo"):
+        released_model(MMDiTConfig.sd3_medium(), turbo=True)
+    assert RELEASED_SAMPLING["sd35_large"] == dict(steps=28, guidance_scale=3.5)
+    assert RELEASED_SAMPLING["sd35_medium"] == dict(steps=40, guidance_scale=4.5)
+    assert RELEASED_SAMPLING["sd35_large_turbo"]["steps"] == 4
+    assert RELEASED_SAMPLING["sd35_large_turbo"]["guidance_scale"] <= 1.0  # no CFG
+
+
+def test_converted_checkpoint_samples_with_its_defaults(tiny, tmp_path, monkeypatch):
+    """The manifest's sampling entry reaches generate(): a checkpoint recognised as SD3.5 Large Turbo
+    samples 4 steps without CFG when steps and guidance are left unset."""
+    import json
+
+    from sd3_jax.convert import pipeline_io
+
+    root, _ = tiny
+    monkeypatch.setattr(pipeline_io, "released_model", lambda cfg, turbo=False: "sd35_large_turbo")
+    out = tmp_path / "ckpt"
+    pipeline_io.convert([str(root / "diffusers_t51")], str(out), "fp32", progress=False)
+    manifest = json.loads((out / "sd3_jax.json").read_text())
+    assert manifest["model"] == "sd35_large_turbo" and manifest["sampling"]["steps"] == 4
+    pipe = SD3Pipeline.load(str(out))
+    seen = {}
+    import sd3_jax.pipeline as pl
+
+    def spy(*args, **kw):
+        seen.update(steps=args[2].shape[0] - 1, use_cfg=kw["use_cfg"])
+        return original(*args, **kw)
+
+    original = pl.denoise
+    monkeypatch.setattr(pl, "denoise", spy)
+    pipe.generate("a cat", height=8, width=8, progress=False)
+    assert seen == {"steps": 4, "use_cfg": False}

@@ -39,6 +39,30 @@ DEFAULT_SCHEDULER = {
     "use_dynamic_shifting": False,
 }  # fmt: skip
 TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# Sampling defaults of the released models (their diffusers model cards), written into the checkpoint by
+# `convert` so that `sample` and `SD3Pipeline.generate` use them; guidance <= 1 samples without CFG.
+RELEASED_SAMPLING = {
+    "sd3_medium": dict(steps=28, guidance_scale=7.0),
+    "sd35_medium": dict(steps=40, guidance_scale=4.5),
+    "sd35_large": dict(steps=28, guidance_scale=3.5),
+    "sd35_large_turbo": dict(steps=4, guidance_scale=0.0),
+}
+
+
+def released_model(cfg: Any, turbo: bool = False) -> str | None:
+    """Which released model an MMDiTConfig is, by its shapes (SD3.5 Large Turbo, the same network as
+    SD3.5 Large, only by `turbo`); None for any other network."""
+    from sd3_jax.nn.mmdit import MMDiTConfig
+
+    shape = lambda c: (c.depth, c.num_heads, c.head_dim, c.qk_norm, c.dual_attention_layers, c.context_dim)
+    for name in ("sd3_medium", "sd35_medium", "sd35_large"):
+        if shape(cfg) == shape(getattr(MMDiTConfig, name)()):
+            if turbo and name != "sd35_large":
+                raise ValueError(f"--turbo: only SD3.5 Large has a Turbo; these weights are {name}")
+            return name + ("_turbo" if turbo else "")
+    if turbo:
+        raise ValueError("--turbo: these weights are not SD3.5 Large's shapes")
+    return None
 
 
 def _dtype(name: str | None) -> np.dtype | None:
@@ -87,11 +111,23 @@ def convert(
     dtype: str | None = "bf16",
     tokenizers: str | None = None,
     progress: bool = True,
+    turbo: bool | None = None,
 ) -> dict[str, Any]:
-    """Converts `sources` into an sd3-jax checkpoint at `out`; returns the summary it prints."""
+    """Converts `sources` into an sd3-jax checkpoint at `out`; returns the summary it prints.
+
+    The transformer's released model, recognised from its shapes, sets the checkpoint's sampling defaults
+    (`RELEASED_SAMPLING`); `turbo` marks SD3.5 Large Turbo (None: when a source's name says "turbo").
+    """
     t0 = time.perf_counter()
     np_dtype = _dtype(dtype)
     plans, folder, scheduler = _plans(sources)
+    named_turbo = any("turbo" in os.path.basename(os.path.normpath(s)).lower() for s in sources)
+    model = None
+    for p in plans:
+        if p.component == "transformer":
+            model = released_model(p.config, bool(turbo))
+            if model == "sd35_large" and turbo is None and named_turbo:
+                model = "sd35_large_turbo"
     tok_dir = tokenizers or folder
     components = {p.component for p in plans}
     if components & set(TEXT):
@@ -131,6 +167,9 @@ def convert(
                 if os.path.isdir(os.path.join(tok_dir, t)):
                     shutil.copytree(os.path.join(tok_dir, t), os.path.join(tmp, t))
         summary["scheduler"] = scheduler
+        if model is not None:
+            summary["model"] = model
+            summary["sampling"] = RELEASED_SAMPLING[model]
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, summary)
     if bar is not None:
@@ -149,6 +188,10 @@ def _nbytes(p: comp.Plan) -> int:
 
 def print_summary(summary: dict[str, Any], out: str) -> None:
     print(f"wrote {out} ({summary['dtype']}, {summary['seconds']} s)")
+    if "sampling" in summary:
+        d = summary["sampling"]
+        cfg = f"CFG {d['guidance_scale']}" if d["guidance_scale"] > 1 else "no CFG"
+        print(f"  {summary['model']}: samples with {d['steps']} steps, {cfg} by default")
     for name, c in summary["components"].items():
         print(f"  {name:15s} {c['kind']:6s} {c['params']:>15,d} params")
 
