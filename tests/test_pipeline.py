@@ -525,3 +525,46 @@ def test_converted_checkpoint_samples_with_its_defaults(tiny, tmp_path, monkeypa
     monkeypatch.setattr(pl, "denoise", spy)
     pipe.generate("a cat", height=8, width=8, progress=False)
     assert seen == {"steps": 4, "use_cfg": False}
+
+
+def test_text_encoders_beside_a_single_file_are_found(tiny, tmp_path):
+    """Stability ships sd3.5_large.safetensors without text encoders and clip_l / clip_g / t5xxl_fp16 files
+    in text_encoders/ beside it: converting the single file picks them up (and prefers fp16 T5 to fp8)."""
+    import jax
+
+    from sd3_jax.convert.pipeline_io import load_component
+    from sd3_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+
+    root, _ = tiny
+    full = tmp_path / "full.safetensors"
+    assert main(["export", str(root / "ckpt_t51"), "--format", "sai", "--out", str(full)]) == 0
+    (tmp_path / "release" / "text_encoders").mkdir(parents=True)
+    files = {
+        "clip_l": "clip_l.safetensors",
+        "clip_g": "clip_g.safetensors",
+        "t5xxl": "t5xxl_fp16.safetensors",
+    }
+    with SafetensorsFile(full) as f:
+        keys = list(f.keys())
+        write_safetensors(
+            tmp_path / "release" / "sd3.5_like.safetensors",
+            {k: f.read(k) for k in keys if not k.startswith("text_encoders.")},
+            metadata=f.metadata,  # the tiny transformer's head width (a real one is inferred)
+        )
+        for short, name in files.items():
+            prefix = f"text_encoders.{short}.transformer."
+            tensors = {k[len(prefix) :]: f.read(k) for k in keys if k.startswith(prefix)}
+            write_safetensors(tmp_path / "release" / "text_encoders" / name, tensors)
+    # An fp8 decoy in name order before the fp16 file: the fp16 one is taken.
+    (tmp_path / "release" / "text_encoders" / "t5xxl_a_fp8_e4m3fn.safetensors").write_bytes(b"\0" * 8)
+    out = tmp_path / "ckpt"
+    args = [str(tmp_path / "release" / "sd3.5_like.safetensors"), "--out", str(out), "--dtype", "fp32"]
+    assert main(["convert", *args, "--tokenizers", str(root / "diffusers_t51"), "--no-progress"]) == 0
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        _, ours = load_component(str(out), component)
+        _, ref = load_component(str(root / "ckpt_t51"), component)
+        # Bare encoder files carry no config: a tiny CLIP's heads read as 1 x 16 where the diffusers config
+        # says 2 x 8 (real ones are inferred at 64 per head), the same matrices split differently.
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
+            a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+            assert np.array_equal(a, b), (component, jax.tree_util.keystr(path))

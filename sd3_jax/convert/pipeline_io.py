@@ -7,6 +7,7 @@ is atomic (see `orbax_io`). Export writes a diffusers folder or one Stability si
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -73,9 +74,29 @@ def _dtype(name: str | None) -> np.dtype | None:
     return DTYPES[name]
 
 
+def beside_single_file(path: str) -> dict[str, str]:
+    """The text-encoder files Stability ships next to its single files, by component: `clip_l.safetensors`,
+    `clip_g.safetensors` and `t5xxl_*.safetensors` in the file's folder or its `text_encoders/`; of several
+    T5 files the first in name order that is not fp8 (the fp16 one), else an fp8 one."""
+    here = os.path.dirname(os.path.abspath(path))
+    out: dict[str, str] = {}
+    for folder in (here, os.path.join(here, "text_encoders")):
+        for component, name in (
+            ("text_encoder", "clip_l.safetensors"),
+            ("text_encoder_2", "clip_g.safetensors"),
+        ):
+            if os.path.isfile(os.path.join(folder, name)):
+                out.setdefault(component, os.path.join(folder, name))
+        t5 = sorted(glob.glob(os.path.join(folder, "t5xxl_*.safetensors")), key=lambda p: ("fp8" in p, p))
+        if t5:
+            out.setdefault("text_encoder_3", t5[0])
+    return out
+
+
 def _plans(sources: Sequence[str]) -> tuple[list[comp.Plan], str | None, dict[str, Any]]:
     """Plans for all sources; the diffusers folder (for tokenizers) and scheduler config if any."""
     plans: list[comp.Plan] = []
+    single_files: list[str] = []  # files holding a transformer: text encoders may lie beside them
     folder, scheduler = None, dict(DEFAULT_SCHEDULER)
     for s in sources:
         if not os.path.exists(s):
@@ -92,7 +113,16 @@ def _plans(sources: Sequence[str]) -> tuple[list[comp.Plan], str | None, dict[st
         elif os.path.isdir(s):
             raise CheckpointError(f"{s}: a folder without model_index.json is not a diffusers pipeline")
         else:
-            plans += comp.plans_from_file(s)
+            file_plans = comp.plans_from_file(s)
+            plans += file_plans
+            if any(p.component == "transformer" for p in file_plans):
+                single_files.append(s)
+    have = {p.component for p in plans}
+    for s in single_files:  # sources take precedence over the files beside them
+        for component, path in beside_single_file(s).items():
+            if component not in have:
+                plans.append(comp.plan_component(component, comp.open_tensors(path)))
+                have.add(component)
     seen: dict[str, str] = {}
     for p in plans:
         if p.component in seen:
