@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from sd3_jax.convert.mapping import CheckpointError
     from sd3_jax.convert.orbax_io import CheckpointFormatError
+    from sd3_jax.train.guard import Preempted
     from sd3_jax.train.loop import TrainingDiverged
 
     try:
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"sd3-jax: error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"sd3-jax: {e}", file=sys.stderr)
+        return 128 + 15  # as a process killed by SIGTERM, which the scheduler asked for
     return 0
 
 

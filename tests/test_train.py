@@ -106,6 +106,65 @@ def test_sigkill_then_resume(tmp_path, straight):
     np.testing.assert_allclose(losses(wd), straight, rtol=1e-6)
 
 
+def _wait_for_checkpoints(proc, ckpts: str, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [d for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+        if len(done) >= n:
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} checkpoints in {timeout} s")
+
+
+def test_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path, straight):
+    """SIGTERM (a pod scheduler's stop) checkpoints the step in flight, exits 143 with one line, and the
+    same command resumes from that step and matches the straight run."""
+    wd = str(tmp_path / "wd")
+    # checkpoints every 1000 steps: any checkpoint below 1000 is the one SIGTERM wrote
+    cmd = train_cmd(wd, "steps=400", "checkpoint_every=1000", "eval_every=4", "async_checkpoints=false")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    metrics = os.path.join(wd, "metrics.jsonl")
+    while not (os.path.exists(metrics) and [m for m in read_metrics(wd) if m.get("step", 0) >= 3]):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    err = err.decode()
+    assert proc.returncode == 143, err
+    assert len(err.strip().splitlines()) == 1 and "stopped by SIGTERM at step" in err, err
+    import orbax.checkpoint as ocp
+
+    saved = ocp.CheckpointManager(os.path.abspath(os.path.join(wd, "checkpoints"))).latest_step()
+    assert saved is not None and 3 <= saved < 400 and f"at step {saved} " in err
+    resume = train_cmd(wd, "steps=8", "checkpoint_every=1000", "eval_every=4", "async_checkpoints=false")
+    if saved < 8:
+        subprocess.run(resume, cwd=ROOT, env=env(), check=True, capture_output=True)
+    got = {m["step"]: m["loss"] for m in read_metrics(wd) if "loss" in m}
+    assert sorted(got)[:8] == list(range(1, 9))
+    np.testing.assert_allclose([got[i] for i in range(1, 9)], straight, rtol=1e-6)
+
+
+def test_second_run_on_a_live_workdir_is_refused(tmp_path):
+    """A second `sd3-jax train` on a workdir a live run holds exits 2 naming the holder's pid; once the
+    holder is killed (SIGKILL: no cleanup) the workdir is free again."""
+    wd = str(tmp_path / "wd")
+    cmd = train_cmd(wd, "steps=400", "checkpoint_every=2", "async_checkpoints=false")
+    holder = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_checkpoints(holder, os.path.join(wd, "checkpoints"), 1)
+    second = subprocess.run(train_cmd(wd, "steps=4"), cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip() == (
+        f"sd3-jax: error: {wd} is in use by a running sd3-jax train (pid {holder.pid}); stop it or use "
+        "another --workdir"
+    )
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    again = subprocess.run(train_cmd(wd, "steps=2"), cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+
+
 def test_nan_stops_without_touching_last_good_checkpoint(tmp_path):
     wd = str(tmp_path)
     cfg = smoke(

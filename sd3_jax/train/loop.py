@@ -19,6 +19,7 @@ from sd3_jax.flops import mmdit_forward_flops, peak_flops
 from sd3_jax.sharding.mesh import activation_rules, make_mesh
 from sd3_jax.train import data as train_data
 from sd3_jax.train.config import TrainConfig, check_finetune
+from sd3_jax.train.guard import Preempted, Preemption, workdir_lock
 from sd3_jax.train.state import TrainState, create_state, make_optimizer, state_shardings
 from sd3_jax.train.step import eval_loss, train_step
 
@@ -152,13 +153,22 @@ def export_adapter(cfg: TrainConfig, lora: Any, workdir: str) -> str | None:
 
 
 def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
-    """Trains for cfg.steps steps in `workdir`, resuming from its latest complete checkpoint."""
+    """Trains for cfg.steps steps in `workdir`, resuming from its latest complete checkpoint.
+
+    One run at a time holds the workdir (`guard.workdir_lock`); in a single-process run SIGTERM saves a
+    checkpoint at the step in flight and raises `guard.Preempted`.
+    """
+    check_finetune(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock(workdir, jax.process_index() == 0), Preemption(jax.process_count() == 1) as preemption:
+        return _train(cfg, workdir, progress, preemption)
+
+
+def _train(cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemption) -> TrainState:
     import orbax.checkpoint as ocp
 
     from sd3_jax.lora import create_lora_state, lora_state_shardings
 
-    check_finetune(cfg)
-    os.makedirs(workdir, exist_ok=True)
     if cfg.init_from:
         cfg = _with_checkpoint_model(cfg)
     mesh = make_mesh(cfg.mesh)
@@ -266,7 +276,8 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
                     for b in val
                 ]
                 metrics_out.write({"kind": "eval", "step": step, "val_loss": float(np.mean(vals))})
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            stop = preemption.requested  # read once: every branch below sees the same answer
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 metrics_out.write({"step": step, "loss": check(step, m["loss"])})
                 pending = None
                 mngr.save(
@@ -278,6 +289,14 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
                 )
             if bar is not None:
                 bar.update(1)
+            if stop:
+                mngr.wait_until_finished()
+                if bar is not None:
+                    bar.close()
+                raise Preempted(
+                    f"stopped by SIGTERM at step {step} of {cfg.steps}; checkpoint saved in "
+                    f"{os.path.join(workdir, 'checkpoints')}: the same command resumes from it"
+                )
         if pending is not None:
             metrics_out.write({"step": pending[0], "loss": check(*pending)})
         mngr.wait_until_finished()
