@@ -157,6 +157,7 @@ def run_train(out: str) -> None:
     done = {(r["model"], r["topology"], r["res"]) for r in doc["results"]}
     jobs = [(m, t, r) for t in SLICES for m in MODELS for r in (256, 512, 1024)]
     jobs += [(LARGE_SLICE[0], LARGE_SLICE[1], r) for r in (256, 512, 1024)]
+    jobs.sort(key=lambda j: j[1] == "v6e:2x4")  # v6e last: its rows come after the larger slice's
     devices_of = {}
     for model, topology, res in jobs:
         if (model, topology, res) in done:
