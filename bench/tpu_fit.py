@@ -283,9 +283,11 @@ def render(results_dir: str) -> list[str]:
         out += [
             "### Training step (fp32 params, Adam and EMA; bf16 compute; 333 text tokens)",
             "",
-            "One image per chip, no remat. Largest images per chip under each remat policy where measured: "
-            "compiled at 1 and 2 per chip, memory affine in the batch predicts the largest, which is then "
-            "compiled to confirm; 0 means one image does not fit.",
+            "One image per chip, no remat; a row that does not fit shows the arguments plus the temporaries "
+            "the compiler asked for before it stopped. Largest images per chip under each remat policy "
+            "(`--task max-batch`): compiled at 1 and 2 per chip, memory affine in the batch predicts the "
+            "largest, which is then compiled to confirm; 0 means one image does not fit; - not measured yet "
+            "(each search is 3-5 compiles of minutes on this host).",
             "",
             "| model | slice | px | peak per chip at 1 image/chip (GiB of HBM) | largest batch per chip: "
             "none / full / dots | compile s |",
