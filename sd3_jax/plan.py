@@ -306,7 +306,7 @@ def attention_backends(model, dtype: str, devices: Sequence[Any]) -> str:
     return select_backend(jnp.dtype(dtype), devices[0].platform)
 
 
-def report(programs: Sequence[Program], device: Any, n_devices: int) -> list[str]:
+def report(programs: Sequence[Program], device: Any) -> list[str]:
     """The lines `sd3-jax plan` prints; the last is `peak per device: N.N GiB of M GiB (fits)`."""
     g = lambda b: f"{b / GIB:6.2f}"
     lines = [f"{'program':12s} {'args':>7s} {'temp':>7s} {'total':>7s} GiB  compile   collectives"]
@@ -373,7 +373,7 @@ def run(
         header.append(
             "CLIP and T5 attention: xla (CLIP's causal mask and T5's position bias are no kernel's)"
         )
-    lines = header + report(programs, devices[0], len(devices))
+    lines = header + report(programs, devices[0])
     lines.insert(-1, _flops_line(cfg, task, programs, (h, w), text_tokens, sample, devices))
     lines.insert(-1, f"compile: {sum(p.compile_s for p in programs):.1f} s on this host")
     return programs, lines

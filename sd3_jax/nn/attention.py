@@ -216,25 +216,25 @@ def _splash(q, k, v, *, interpret: bool):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v)
-    q_spec, kv_spec = _attention_specs(q.shape, k.shape, mesh)
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False
-    )(q, k, v)
+    spec = _attention_spec(q.shape, k.shape, mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q, k, v
+    )
 
 
-def _attention_specs(q_shape, k_shape, mesh):
+def _attention_spec(q_shape, k_shape, mesh):
     """Batch over the rules' batch axes (data, fsdp) and heads over theirs (tensor); a batch those axes do
     not divide (one image with CFG on 8 chips) gives its axes to the heads instead, so every device still
-    attends over a share of the work rather than all of it."""
+    attends over a share of the work rather than all of it. Queries, keys and values share the spec."""
     from jax.sharding import PartitionSpec
 
-    from sd3_jax.sharding.mesh import logical_to_spec
+    from sd3_jax.sharding.mesh import AXES, logical_to_spec
 
-    spec = logical_to_spec(("batch", None, "heads", None), q_shape, mesh)
-    if spec[0] is None:
-        axes = tuple(a for a in ("data", "fsdp", "tensor") if mesh.shape.get(a, 1) > 1)
-        if axes and q_shape[2] % math.prod(mesh.shape[a] for a in axes) == 0:
-            spec = PartitionSpec(None, None, axes, None)
     if q_shape[0] != k_shape[0] or q_shape[2] != k_shape[2]:
         raise ValueError(f"attention: queries {q_shape} and keys {k_shape} differ in batch or heads")
-    return spec, spec
+    spec = logical_to_spec(("batch", None, "heads", None), q_shape, mesh)
+    if spec[0] is None:
+        axes = tuple(a for a in AXES if mesh.shape.get(a, 1) > 1)
+        if axes and q_shape[2] % math.prod(mesh.shape[a] for a in axes) == 0:
+            spec = PartitionSpec(None, None, axes, None)
+    return spec
