@@ -1,21 +1,21 @@
-"""Conversion speed and memory: a full-size SD3 Medium single file into an sd3-jax (Orbax) checkpoint.
+"""Conversion and loading at disk speed: full-size MMDiT single files into sd3-jax (Orbax) checkpoints.
 
-    python bench/conversion.py [--device cpu] [--workdir /tmp] [--keep] [--converter auto|pipeline|streaming]
-        [--out bench/results/conversion-<device>.json]
+    python bench/conversion.py [--device cpu] [--workdir /tmp] [--cases sd3_medium:fp16,sd3_medium:bf16]
+        [--keep] [--out bench/results/conversion-<device>.json]
 
-1. Synthesizes `sd3_medium.safetensors` in Stability's layout (`model.diffusion_model.*`, 491 tensors, bf16,
-   ~4.2 GB) from the shapes of the table (`sai_rules` run backwards over `abstract_params`); each tensor is a
-   rotated slice of one 16M-value random pool, streamed to disk by `write_safetensors(shapes=...)`, so the
-   generator holds one tensor at a time.
-2. Times reading every tensor once (`SafetensorsFile.read`), cold and then warm in the page cache.
-3. Times building every param through the table with nothing written (`iter_params` alone), cold.
-4. Times the conversion, cold: the project's converter `sd3_jax.convert.pipeline_io.convert` (what
-   `sd3-jax convert` runs) where it exists (`--converter pipeline`), else the streaming path it is built
-   on (`--converter streaming`): `iter_params` over the Stability table into
-   `orbax_io.save_params_streaming`, one param at a time.
-Each measurement runs in a child process; its peak resident memory comes from wait4 (ru_maxrss), and its
-peak anonymous memory (excluding the memory-mapped file's pages) from sampling /proc/self/status.
-Everything is written under --workdir and deleted at the end unless --keep.
+For each case MODEL:DTYPE (models: sd3_medium, sd35_large):
+1. Synthesizes MODEL's MMDiT in Stability's single-file layout (`model.diffusion_model.*`) in DTYPE from the
+   shapes of the table (`sai_rules` run backwards over `abstract_params`); each tensor is a rotated slice of
+   one 16M-value random pool, streamed to disk by `write_safetensors(shapes=...)`.
+2. The yardstick: copies the file on the same disk (`shutil.copyfile`, cold).
+3. Converts it to a bf16 checkpoint with the project's converter, `sd3_jax.convert.pipeline_io.convert`
+   (what `sd3-jax convert --dtype bf16` runs), cold.
+4. The second yardstick: reads every file of the converted checkpoint once, cold.
+5. Loads the checkpoint's transformer into device arrays the way `SD3Pipeline.load` does
+   (`load_component`), cold.
+Each measurement runs in a child process; its peak resident memory comes from wait4 (ru_maxrss), its peak
+anonymous memory from sampling /proc/self/status. Pages are evicted from the page cache
+(posix_fadvise DONTNEED) before every step. Everything is written under --workdir and deleted unless --keep.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ POOL = 1 << 24
 # The file.
 
 
-def synthesize(path: str, seed: int = 0) -> dict:
-    """Writes a random SD3 Medium MMDiT in Stability's single-file layout; returns its size facts."""
+def synthesize(path: str, model: str = "sd3_medium", dtype: str = "bf16", seed: int = 0) -> dict:
+    """Writes a random MMDiT of preset `model` in Stability's single-file layout; returns its size facts."""
     import ml_dtypes
     import numpy as np
 
@@ -50,13 +50,13 @@ def synthesize(path: str, seed: int = 0) -> dict:
     from sd3_jax.convert.safetensors_io import write_safetensors
     from sd3_jax.nn.mmdit import MMDiTConfig
 
-    cfg = MMDiTConfig.sd3_medium()
-    bf16 = np.dtype(ml_dtypes.bfloat16)
+    cfg = getattr(MMDiTConfig, model)()
+    np_dtype = np.dtype({"bf16": ml_dtypes.bfloat16, "fp16": np.float16}[dtype])
     shapes = {
-        SAI_PREFIX + k: (v, bf16) for k, v in source_shapes(sai_rules(cfg), abstract_params(cfg)).items()
+        SAI_PREFIX + k: (v, np_dtype) for k, v in source_shapes(sai_rules(cfg), abstract_params(cfg)).items()
     }
     rng = np.random.default_rng(seed)
-    pool = (rng.standard_normal(POOL, dtype=np.float32) * 0.02).astype(bf16)
+    pool = (rng.standard_normal(POOL, dtype=np.float32) * 0.02).astype(np_dtype)
 
     def tensors():
         for name, (shape, _) in shapes.items():
@@ -68,7 +68,7 @@ def synthesize(path: str, seed: int = 0) -> dict:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())  # written pages clean, so evict() can drop them
     n = sum(int(np.prod(s)) for s, _ in shapes.values())
-    return {"tensors": len(shapes), "params": n, "bytes": os.path.getsize(path), "dtype": "bfloat16"}
+    return {"tensors": len(shapes), "params": n, "bytes": os.path.getsize(path), "dtype": dtype}
 
 
 def evict(path: str) -> None:
@@ -81,69 +81,53 @@ def evict(path: str) -> None:
         os.close(fd)
 
 
+def evict_tree(path: str) -> None:
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            evict(os.path.join(d, f))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The measured work, run in a child process.
 
 
-def read_all(src: str) -> int:
-    from sd3_jax.convert.safetensors_io import SafetensorsFile
+def copy_file(src: str, dst: str) -> int:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())  # the copy's bytes on disk, as the conversion's are once it returns
+    return os.path.getsize(dst)
 
+
+def read_tree(src: str) -> int:
     total = 0
-    with SafetensorsFile(src) as f:
-        for name in f.keys():
-            a = f.read(name)
-            total += a.nbytes
-            del a
+    for d, _, fs in os.walk(src):
+        for f in fs:
+            with open(os.path.join(d, f), "rb", buffering=0) as fh:
+                while chunk := fh.read(64 << 20):
+                    total += len(chunk)
     return total
 
 
-def _pipeline_convert():
-    """The project's converter (`sd3-jax convert`), or None where this tree does not have it yet."""
-    import importlib
+def convert(src: str, dst: str) -> None:
+    """`sd3-jax convert SRC --out DST --dtype bf16`: the whole converter (plans, atomic dir, manifest)."""
+    from sd3_jax.convert.pipeline_io import convert
 
-    for module in ("sd3_jax.convert.pipeline_io", "sd3_jax.convert.pipeline"):
-        try:
-            return importlib.import_module(module).convert
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
-def convert_pipeline(src: str, dst: str) -> None:
-    """`sd3-jax convert SRC --out DST`, keeping bf16: the whole converter (plans, atomic dir, manifest)."""
-    _pipeline_convert()([src], dst, dtype="bf16", progress=False)
+    convert([src], dst, dtype="bf16", progress=False)
+    for d, _, fs in os.walk(dst):  # on disk, as the copy is
+        for f in fs:
+            with open(os.path.join(d, f), "rb+") as fh:
+                os.fsync(fh.fileno())
 
 
-def convert_streaming(src: str, dst: str) -> None:
-    """The MMDiT part of a conversion: Stability table -> params, streamed leaf by leaf into Orbax."""
-    from sd3_jax.convert.mapping import iter_params, open_tensors
-    from sd3_jax.convert.mmdit import abstract_params, detect_layout, infer_config, sai_rules
-    from sd3_jax.convert.orbax_io import save_params_streaming
+def load(ckpt: str) -> int:
+    """The transformer into device arrays, as `SD3Pipeline.load` restores it."""
+    import jax
 
-    layout, tensors = detect_layout(open_tensors(src))
-    cfg = infer_config(tensors, layout)
-    leaves = iter_params(tensors, sai_rules(cfg), abstract_params(cfg), f"MMDiT ({layout})")
-    save_params_streaming(os.path.join(os.path.abspath(dst), "transformer"), leaves)
+    from sd3_jax.convert.pipeline_io import load_component
 
-
-def converter_name(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "streaming" if _pipeline_convert() is None else "pipeline"
-
-
-def iterate_only(src: str, dst: str) -> None:
-    """The conversion's reading and table work alone: every param built, nothing written."""
-    from sd3_jax.convert.mapping import iter_params, open_tensors
-    from sd3_jax.convert.mmdit import abstract_params, detect_layout, infer_config, sai_rules
-
-    layout, tensors = detect_layout(open_tensors(src))
-    cfg = infer_config(tensors, layout)
-    for _, value in iter_params(tensors, sai_rules(cfg), abstract_params(cfg), f"MMDiT ({layout})"):
-        del value
-
-
-CONVERTERS = {"pipeline": convert_pipeline, "streaming": convert_streaming, "iterate": iterate_only}
+    _, params = load_component(ckpt, "transformer")
+    jax.block_until_ready(params)
+    return sum(x.nbytes for x in jax.tree.leaves(params))
 
 
 def _status_kb(field: str) -> int:
@@ -154,8 +138,12 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def child(what: str, src: str, dst: str, converter: str) -> None:
+def child(what: str, src: str, dst: str) -> None:
     """Runs one measurement and prints {"seconds", "peak_anon_gb", ...} as the last line of stdout."""
+    if what in ("convert", "load"):
+        import jax  # imported before the clock starts, as a running process has it
+
+        jax.devices()
     peak = {"anon": 0}
     done = threading.Event()
 
@@ -169,10 +157,14 @@ def child(what: str, src: str, dst: str, converter: str) -> None:
     sampler.start()
     t0 = time.perf_counter()
     out = {}
-    if what == "read":
-        out["bytes"] = read_all(src)
+    if what == "copy":
+        out["bytes"] = copy_file(src, dst)
+    elif what == "read":
+        out["bytes"] = read_tree(src)
+    elif what == "convert":
+        convert(src, dst)
     else:
-        CONVERTERS[converter](src, dst)
+        out["bytes"] = load(src)
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
@@ -198,76 +190,86 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+NAMES = {"sd3_medium": "SD3 Medium", "sd35_large": "SD3.5 Large", "sd35_medium": "SD3.5 Medium"}
+
+
+def run_case(work: str, model: str, dtype: str) -> dict:
+    src = os.path.join(work, f"{model}_{dtype}.safetensors")
+    t0 = time.perf_counter()
+    facts = synthesize(src, model, dtype)
+    print(f"{model} {dtype}: {facts['tensors']} tensors, {facts['bytes'] / 1e9:.2f} GB in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    copy, ckpt = os.path.join(work, "copy.safetensors"), os.path.join(work, "ckpt")
+    try:
+        evict(src)
+        cp = run_child(["copy", src, copy])
+        os.remove(copy)
+        evict(src)
+        conv = run_child(["convert", src, ckpt])
+        os.remove(src)
+        evict_tree(ckpt)
+        read = run_child(["read", ckpt, "-"])
+        evict_tree(ckpt)
+        ld = run_child(["load", ckpt, "-"])
+        out_bytes = dir_bytes(ckpt)
+    finally:
+        for p in (src, copy):
+            if os.path.exists(p):
+                os.remove(p)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    row = dict(
+        what=f"{NAMES[model]}, {dtype} file -> bf16",
+        file_gb=facts["bytes"] / 1e9,
+        copy_s=cp["seconds"],
+        convert_s=conv["seconds"],
+        convert_over_copy=conv["seconds"] / cp["seconds"],
+        convert_peak_rss_gb=conv["peak_rss_gb"],
+        ckpt_gb=out_bytes / 1e9,
+        read_s=read["seconds"],
+        load_s=ld["seconds"],
+        load_over_read=ld["seconds"] / read["seconds"],
+        load_peak_rss_gb=ld["peak_rss_gb"],
+        raw=dict(facts=facts, copy=cp, convert=conv, read=read, load=ld),
+    )
+    print(json.dumps({k: v for k, v in row.items() if k != "raw"}), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(ap, "conversion")
-    ap.add_argument("--workdir", default="/tmp", help="where the synthesized file and the output go")
-    ap.add_argument("--keep", action="store_true", help="keep the file and the converted checkpoint")
-    ap.add_argument("--converter", choices=("auto", "pipeline", "streaming"), default="auto")
+    ap.add_argument("--workdir", default="/tmp", help="where the synthesized files and the output go")
+    ap.add_argument(
+        "--cases",
+        default="sd3_medium:fp16,sd3_medium:bf16,sd35_large:bf16",
+        help="MODEL:DTYPE,... (models: sd3_medium, sd35_medium, sd35_large; dtypes: fp16, bf16)",
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     common.setup_platform(a.device, a.threads)
     if a.child:
-        what, src, dst, converter = a.child
-        child(what, src, dst, converter)
+        child(*a.child)
         return
 
-    converter = converter_name(a.converter)
+    cases = [tuple(c.split(":")) for c in a.cases.split(",")]
     work = os.path.join(a.workdir, f"sd3jax-bench-conversion-{os.getpid()}")
-    need = 2 * 4.3e9 + 1e9
-    free = shutil.disk_usage(a.workdir).free
-    if free < need:
-        raise SystemExit(f"{a.workdir}: {free / 1e9:.1f} GB free, the benchmark needs {need / 1e9:.1f} GB")
     os.makedirs(work)
-    src, dst = os.path.join(work, "sd3_medium.safetensors"), os.path.join(work, "converted")
     meta = common.machine_info(with_torch=False, threads=a.threads)
     rows = []
     try:
-        t0 = time.perf_counter()
-        facts = synthesize(src)
-        gen_s = time.perf_counter() - t0
-        gb = facts["bytes"] / 1e9
-        print(f"synthesized {facts['tensors']} tensors, {gb:.2f} GB in {gen_s:.1f} s", flush=True)
-
-        evict(src)
-        cold = run_child(["read", src, "-", converter])
-        warm = run_child(["read", src, "-", converter])
-        evict(src)
-        table_only = run_child(["convert", src, "-", "iterate"])
-        evict(src)
-        conv = run_child(["convert", src, dst, converter])
-        out_gb = dir_bytes(dst) / 1e9
-        for what, r in (
-            ("read every tensor once (cold)", cold),
-            ("read every tensor once (warm page cache)", warm),
-            ("build every param, write nothing (cold)", table_only),
-            (f"convert to Orbax ({converter}, cold)", conv),
-        ):
-            rows.append(
-                dict(
-                    what=what,
-                    seconds=r["seconds"],
-                    gb_per_s=gb / r["seconds"],
-                    peak_rss_gb=r["peak_rss_gb"],
-                    peak_anon_gb=r["peak_anon_gb"],
-                    ratio_to_read=r["seconds"] / cold["seconds"],
-                    raw=r,
-                )
-            )
-        print(common.table(rows, common.CONVERT_COLS))
+        for model, dtype in cases:
+            rows.append(run_case(work, model, dtype))
     finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    config = dict(facts, gb=gb, converter=converter, synthesize_s=gen_s, output_gb=out_gb, workdir=a.workdir)
+        shutil.rmtree(work, ignore_errors=True)
+    print(common.table(rows, common.CONVERT_COLS))
     notes = [
-        f"Synthesizing the file took {gen_s:.1f} s; the converted checkpoint is {out_gb:.2f} GB on disk.",
-        f"{meta['cpu_cores']} cores shared with other jobs (load average {meta['load_avg_1m_start']} at the "
-        "start); the disk is the host's virtual disk, so the cold read is bounded by it.",
-        "Peak RSS includes the memory-mapped file's pages the process touched (reclaimable page cache); peak "
-        "anon is what the process allocated itself, starting from the interpreter and jax imports "
-        "(`start_anon_gb` in the JSON).",
+        f"{meta['cpu_cores']} cores (load average {meta['load_avg_1m_start']} at the start); the disk is the "
+        "host's virtual disk. The copy and the conversion both end with their bytes fsync'ed to disk.",
+        "Peak RSS is the child process's whole resident set (ru_maxrss), interpreter and jax included.",
+        "Targets (issue #15): convert <= 4x copy, peak below 1.5 GiB (1.61 GB) whatever the source dtype; "
+        "load <= 3x read.",
     ]
-    common.write_result(common.out_path(a, "conversion"), meta, rows, config=config, notes=notes)
+    common.write_result(common.out_path(a, "conversion"), meta, rows, config={"cases": a.cases}, notes=notes)
 
 
 if __name__ == "__main__":

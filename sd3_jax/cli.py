@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -20,9 +21,22 @@ def _train(a: argparse.Namespace) -> None:
     train(cfg, a.workdir, progress=not a.no_progress)
 
 
+def _one_line(e: BaseException) -> str:
+    """The error as one line (a file name or key may carry a newline), with the file for OS errors."""
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror or e}"
+    return " ".join(text.split("\n"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one `--help` away) and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sd3-jax", description="Stable Diffusion 3 in JAX.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="sd3-jax", description="Stable Diffusion 3 in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train or fine-tune an MMDiT from a Python config")
     t.add_argument("--config", required=True, help="experiments/NAME.py defining get_config()")
@@ -49,16 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     from sd3_jax.convert.mapping import CheckpointError
     from sd3_jax.convert.orbax_io import CheckpointFormatError
     from sd3_jax.train.guard import Preempted
-    from sd3_jax.train.loop import TrainingDiverged
+    from sd3_jax.train.loop import CheckpointWriteError, TrainingDiverged
 
     try:
         a.fn(a)
-    except (CheckpointError, CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"sd3-jax: error: {e}", file=sys.stderr)
+    except (CheckpointError, CheckpointFormatError, OSError, ValueError) as e:
+        print(f"sd3-jax: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"sd3-jax: error: {e}", file=sys.stderr)
         return 1
+    except CheckpointWriteError as e:
+        print(f"sd3-jax: error: {e}", file=sys.stderr, flush=True)
+        # Orbax's writer threads are still failing on the full disk: an orderly interpreter exit would
+        # print each of their errors as it tears them down. The run is over and the last complete
+        # checkpoint is intact on disk, so leave at once.
+        sys.stdout.flush()
+        os._exit(1)
     except Preempted as e:
         print(f"sd3-jax: {e}", file=sys.stderr)
         return 128 + 15  # as a process killed by SIGTERM, which the scheduler asked for

@@ -58,6 +58,8 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoraConfig: rank must be >= 1, got {self.rank}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"LoraConfig: alpha must be a finite number, got {self.alpha}")
         if not self.targets:
             raise ValueError("LoraConfig: targets is empty")
         if self.init not in ("kaiming", "gaussian"):

@@ -11,6 +11,7 @@ per shape and sampler; only the prompt tokenization runs in Python.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd3_jax.convert.orbax_io import read_manifest
+from sd3_jax.convert.orbax_io import config_from_json, read_manifest
 from sd3_jax.convert.pipeline_io import load_component
 from sd3_jax.flow import samplers as smp
 from sd3_jax.flow import schedules
@@ -190,7 +191,7 @@ class SD3Pipeline:
         t_cfg, t_params = load_component(ckpt_dir, "transformer", dtype, t_sh)
         t_cfg = t_cfg.replace(dtype=dtype, attention=attention)
         if have["vae"]["kind"] == "identity":
-            v_cfg, v_params = IdentityAEConfig(**have["vae"]["config"]), None
+            v_cfg, v_params = config_from_json(IdentityAEConfig, have["vae"]["config"]), None
         else:
             v_cfg, v_params = load_component(ckpt_dir, "vae", dtype)
         text = _load_text(ckpt_dir, have, dtype, use_t5, t_cfg.context_dim)
@@ -240,7 +241,8 @@ class SD3Pipeline:
         v = self.vae_config.factor
         f = v * self.transformer_config.patch_size
         top = self.transformer_config.max_latent_size * v
-        if height % f or width % f or height <= 0 or width <= 0:
+        ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (height, width))
+        if not ints or height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         if height > top or width > top:
             raise ValueError(f"{height}x{width} exceeds the position table: the largest size is {top}x{top}")
@@ -294,11 +296,23 @@ class SD3Pipeline:
             (`sd3_jax.convert.lora.import_lora` reads diffusers, kohya and ComfyUI files).
         """
         d = self.defaults
-        height, width = height or d["height"], width or d["width"]
-        steps = steps or d["steps"]
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        steps = d["steps"] if steps is None else steps
         guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         max_sequence_length = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
         shift = d.get("shift") if shift is None else shift
+        _check_numbers(
+            steps=(steps, 1, None, int),
+            num_images_per_prompt=(num_images_per_prompt, 1, None, int),
+            max_sequence_length=(max_sequence_length, 0, 512, int),  # T5 tokens; diffusers caps at 512
+            guidance_scale=(guidance_scale, 0.0, None, float),
+            shift=(shift, 0.0, None, float),
+            strength=(strength, 0.0, 1.0, float),
+            skip_layer_guidance_scale=(skip_layer_guidance_scale, None, None, float),
+        )
+        if shift is not None and shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
         if sampler not in smp.SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(smp.SAMPLERS)}, got {sampler!r}")
         if output not in ("uint8", "float", "latent"):
@@ -381,6 +395,19 @@ class SD3Pipeline:
         if output == "float":
             return images
         return (images * 255).round().astype(np.uint8)
+
+
+def _check_numbers(**checks: tuple[Any, float | None, float | None, type]) -> None:
+    """Raises one ValueError line for the first argument that is not a finite number in [low, high]."""
+    for name, (v, low, high, kind) in checks.items():
+        if v is None and name == "shift":
+            continue
+        ok = isinstance(v, (int, np.integer)) if kind is int else isinstance(v, (int, float, np.number))
+        ok = ok and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (low is not None and v < low) or (high is not None and v > high):
+            bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}" if low is not None else ""
+            what = "an integer" if kind is int else "a finite number"
+            raise ValueError(f"{name} must be {what}{bounds}, got {v!r}")
 
 
 def _load_text(ckpt_dir: str, have: dict, dtype: Any, use_t5: bool, joint: int) -> Any:

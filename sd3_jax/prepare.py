@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sd3_jax.convert.orbax_io import read_manifest
+from sd3_jax.convert.orbax_io import config_from_json, read_manifest
 from sd3_jax.convert.pipeline_io import load_component
 from sd3_jax.data.pipeline import BucketResizeCrop
 from sd3_jax.data.records import prepare
@@ -47,7 +47,7 @@ def checkpoint_encoders(
         if c not in have:
             raise ValueError(f"{ckpt}: checkpoint lacks {c}, which {what} needs")
     if have["vae"]["kind"] == "identity":
-        v_cfg, v_params = IdentityAEConfig(**have["vae"]["config"]), None
+        v_cfg, v_params = config_from_json(IdentityAEConfig, have["vae"]["config"]), None
     else:
         v_cfg, v_params = load_component(ckpt, "vae")
     text = _load_text(ckpt, have, None, True, 4096)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 # libtpu is installed (the TPU compile tests): without this jax would look for a TPU at start-up.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns on JAX's persistent compilation cache in its process; tests call the CLI in-process, and
+# the TPU compiles that follow would then try (and fail, loudly) to read CPU-hosted entries back.
+os.environ["SD3_JAX_CACHE"] = ""
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -53,3 +58,15 @@ def assert_close_rel(ours, ref, rtol: float = 1e-5, what: str = "") -> float:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@contextlib.contextmanager
+def shown_warnings():
+    """Records the warnings a normal run would print (Python's default filters: deprecations, import and
+    resource warnings hidden), whatever filters pytest set."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        yield caught

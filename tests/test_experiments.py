@@ -7,20 +7,30 @@ import os
 import sys
 
 import pytest
+from conftest import shown_warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
-def test_demo_smoke_and_sample_cli(tmp_path, capsys):
+def test_demo_smoke_and_sample_cli(tmp_path, capfd):
+    """The demo runs end to end with nothing on stderr but its training progress bar and no warning (as a
+    normal run shows them), and its last line is the adherence line."""
     from PIL import Image
 
     from sd3_jax import demo
     from sd3_jax.cli import main
 
     out = tmp_path / "demo_out"
-    demo.main(["--out", str(out), "--steps", "2", "--examples", "64"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    with shown_warnings() as caught:
+        demo.main(["--out", str(out), "--steps", "2", "--examples", "64"])
+    std = capfd.readouterr()
+    assert not caught, [str(w.message) for w in caught]
+    noise = [
+        ln for ln in std.err.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("train:")
+    ]
+    assert not noise, noise
+    last = std.out.strip().splitlines()[-1]
     assert last.startswith("adherence seen=") and " held_out=" in last
     for f in ("samples.png", "loss.png", "metrics.jsonl", "adherence.json", "checkpoint/sd3_jax.json"):
         assert (out / f).exists(), f

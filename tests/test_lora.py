@@ -176,8 +176,10 @@ def test_merge_then_unmerge_restores_params_exactly(tiny, dtype):
     lora = random_lora(params, LoraConfig(rank=4, alpha=4, targets=EVERY_LINEAR), 3, scale=0.1)
     merged, residual = merge(base, lora, strength=0.8)
     eff = apply_lora(base, [(lora, 0.8)])
+    # merge (numpy, float64 delta) and apply (jax) agree to rounding: fp32 to ~1e-6, bf16 to one ulp.
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=2**-7, atol=2**-7)
     for m, e in zip(jax.tree.leaves(merged), jax.tree.leaves(eff)):
-        np.testing.assert_allclose(np.asarray(m, np.float32), np.asarray(e, np.float32), rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(np.asarray(m, np.float32), np.asarray(e, np.float32), **tol)
     back = unmerge(merged, lora, strength=0.8, residual=residual)
     leaves = jax.tree_util.tree_leaves_with_path(base)
     for (path, w), v in zip(leaves, jax.tree.leaves(back)):
@@ -525,8 +527,9 @@ def test_images_match_diffusers_on_the_tiny_pipeline(tmp_path):
     export_lora_diffusers(state.params, cfg, tmp_path / "ours")
     dif.load_lora_weights(str(tmp_path / "ours"))
     want = diffusers_images()
-    assert np.abs(want - plain).max() > 0.01  # the trained adapter changes the image
-    assert np.abs(our_images([(state.params, 1.0)]) - want).max() <= 0.005
+    # The adapter's own effect on the image is at least 50 times the tolerance of the match.
+    assert np.abs(want - plain).max() > 0.05, np.abs(want - plain).max()
+    assert np.abs(our_images([(state.params, 1.0)]) - want).max() <= 1e-3
 
     # An adapter saved by diffusers (peft on its transformer, alpha != r), loaded into sd3-jax.
     dif.unload_lora_weights()
@@ -543,6 +546,6 @@ def test_images_match_diffusers_on_the_tiny_pipeline(tmp_path):
         transformer_lora_adapter_metadata=dif.transformer.peft_config["default"].to_dict(),
     )
     want = diffusers_images()
-    assert np.abs(want - plain).max() > 0.01
+    assert np.abs(want - plain).max() > 0.05, np.abs(want - plain).max()
     theirs = import_lora(tmp_path / "theirs", cfg)
-    assert np.abs(our_images([(theirs, 1.0)]) - want).max() <= 0.005
+    assert np.abs(our_images([(theirs, 1.0)]) - want).max() <= 1e-3

@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -214,3 +215,30 @@ def test_every_param_is_logically_partitioned():
             used = [a for a in spec if a is not None]
             assert len(used) == len(set(used)), (jax.tree_util.keystr(path), spec)
         assert params["layers"]["q"]["kernel"].names == ("layers", "embed", "heads", "kv")
+
+
+def test_fp8_file_is_upcast_as_torch_does(tmp_path):
+    """t5xxl_fp8_e4m3fn.safetensors (what ComfyUI users have): every weight comes back as torch's own
+    upcast of the fp8 tensor (`.to(torch.bfloat16)`), bit for bit, whatever dtype is asked; the encoder
+    with those weights matches transformers' with the same weights. A scaled fp8 file is refused."""
+    cfg = T5Config.tiny(max_distance=128)
+    model = make_hf_t5(cfg)
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in model.state_dict().items()}
+    sd = {k: v.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn) for k, v in fp8.items()}
+    write_safetensors(tmp_path / "t5xxl_fp8_e4m3fn.safetensors", sd)
+    got, params = load_t5(tmp_path / "t5xxl_fp8_e4m3fn.safetensors")
+    assert got == cfg
+    upcast = {k: v.to(torch.bfloat16) for k, v in fp8.items()}
+    want = upcast["encoder.block.0.layer.1.DenseReluDense.wo.weight"].float().numpy().T
+    wo = params["layers"]["wo"]["kernel"]
+    assert wo.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(np.asarray(wo[0], np.float32), want)
+    _, params32 = load_t5(tmp_path / "t5xxl_fp8_e4m3fn.safetensors", dtype=np.float32)
+    model.load_state_dict({k: v.float() for k, v in upcast.items()})
+    ids, mask = batch(cfg)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    assert_close_rel(run_ours(cfg, params32, ids, mask).last_hidden_state, ref, what="fp8 T5")
+    scaled = {**sd, "scaled_fp8": np.zeros(2, ml_dtypes.float8_e4m3fn)}
+    with pytest.raises(CheckpointError, match="scaled fp8 file"):
+        load_t5(scaled)

@@ -165,6 +165,10 @@ def make_tiny_sd3_components(seed: int = 0, with_t5: bool = True) -> dict:
         use_quant_conv=False,  # as SD3's VAE
         use_post_quant_conv=False,
     ).eval()
+    # Random, never default: default inits (GroupNorm and LayerNorm at 1 and 0, zeroed output layers)
+    # would hide a norm or output mapped to the wrong param.
+    randomize_(components["transformer"], seed=seed + 3)
+    randomize_(components["vae"], seed=seed + 4)
     components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scratch.cleanup()
     return components

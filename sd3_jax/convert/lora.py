@@ -105,6 +105,8 @@ def _kernel_shapes(site: Site, abstract: Mapping[str, Any]) -> list[tuple[int, .
 def _factors_in(site: Site, A: np.ndarray, B: np.ndarray, abstract) -> list[tuple[np.ndarray, np.ndarray]]:
     """torch (A (r, in), B (out, r)) -> our (a (in..., r), b (r, out...)) for each target of the site."""
     r, n = A.shape
+    if r < 1:
+        raise CheckpointError(f"LoRA {site.name}: rank 0 (lora_A {A.shape})")
     if B.shape[1] != r:
         raise CheckpointError(f"LoRA {site.name}: lora_A {A.shape} and lora_B {B.shape} ranks differ")
     if r > n:
@@ -164,7 +166,12 @@ def _resolve(source: Any) -> tuple[Any, dict[str, Any]]:
         raise FileNotFoundError(f"{path}: no such file or folder")
     with SafetensorsFile(path) as f:
         raw = f.metadata.get(METADATA_KEY)
-    meta = json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: {METADATA_KEY} in the file's metadata is not a JSON object")
     peft = {k[len("transformer.") :]: v for k, v in meta.items() if k.startswith("transformer.")}
     return path, peft
 
@@ -172,8 +179,13 @@ def _resolve(source: Any) -> tuple[Any, dict[str, Any]]:
 def _pattern(patterns: Mapping[str, Any], name: str) -> Any:
     """peft's `get_pattern_key`: the first pattern matching the end of the module name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            raise CheckpointError(
+                f"LoRA metadata: alpha_pattern key {key!r} is not a regular expression"
+            ) from None
     return None
 
 
@@ -182,12 +194,20 @@ def _alpha(
 ) -> float:
     """alpha / r for one module (alpha / sqrt(r) with rsLoRA); kohya reads alpha 0 as alpha = r."""
     if site_key in alphas:
-        alpha = float(np.asarray(alphas[site_key], np.float64).reshape(()))
+        a = np.asarray(alphas[site_key])
+        if a.size != 1 or not np.isfinite(a.astype(np.float64)).all():
+            raise CheckpointError(f"LoRA {site.name}: alpha must be one finite number, got shape {a.shape}")
+        alpha = float(a.astype(np.float64).reshape(()))
         return alpha / r if alpha else 1.0
     if not peft:
         return 1.0
-    alpha = _pattern(peft.get("alpha_pattern") or {}, site.name)
+    patterns = peft.get("alpha_pattern") or {}
+    alpha = _pattern(patterns, site.name) if isinstance(patterns, Mapping) else None
     alpha = peft.get("lora_alpha", r) if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(
+            f"LoRA {site.name}: lora_alpha in the file's metadata is {alpha!r}, not a number"
+        )
     return float(alpha) / (math.sqrt(r) if peft.get("use_rslora") else r)
 
 
@@ -254,9 +274,16 @@ def import_lora(source: Any, cfg: MMDiTConfig, ignore_text_encoders: bool = Fals
             raise CheckpointError(
                 f"{src.description}: LoRA {m}: factors must be matrices, got {A.shape}, {B.shape}"
             )
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise CheckpointError(f"{src.description}: LoRA {m}: factors hold NaN or infinite values")
         scale = _alpha(m, site, A.shape[0], alphas, peft)
         for t, (a, b) in zip(site.targets, _factors_in(site, A, B, abstract)):
-            pieces.setdefault(t, []).append((a, (b * scale).astype(np.float32)))
+            b = b.astype(np.float64) * scale
+            if not np.isfinite(b).all() or np.abs(b).max(initial=0) > np.finfo(np.float32).max:
+                raise CheckpointError(
+                    f"{src.description}: LoRA {m}: alpha / rank {scale:g} overflows its factors"
+                )
+            pieces.setdefault(t, []).append((a, b.astype(np.float32)))
     return Lora(params=_stack(pieces, abstract), scaling=1.0)
 
 

@@ -14,11 +14,13 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from sd3_jax.convert.safetensors_io import SafetensorsFile
 
 Path = tuple[str, ...]
+FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 
 class CheckpointError(ValueError):
@@ -215,11 +217,17 @@ def open_tensors(source: Any) -> TensorSource:
 def _fmt(names: Sequence[str], limit: int = 12) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(n if n.isprintable() else repr(n) for n in names[:limit]) + more
 
 
 def check_keys(src: TensorSource, rules: Sequence[Rule], what: str) -> None:
     """Raises CheckpointError naming missing and unexpected tensors."""
+    if "scaled_fp8" in src:
+        raise CheckpointError(
+            f"{what}: {src.description} is a scaled fp8 file (ComfyUI's *_fp8_scaled, weights with "
+            "per-tensor "
+            "scale_weight), which is not supported: use the fp16 or plain fp8 file"
+        )
     wanted = {s for r in rules for s in r.sources}
     have = set(src.keys())
     missing, unexpected = wanted - have, have - wanted
@@ -299,6 +307,8 @@ def iter_params(
             arrays = [src.read(s) for s in r.sources]
             if dtype is not None:
                 arrays = [a.astype(dtype) for a in arrays]
+            else:  # fp8 files (t5xxl_fp8_e4m3fn) are storage only: every fp8 value is exact in bf16
+                arrays = [a.astype(ml_dtypes.bfloat16) if a.dtype in FP8 else a for a in arrays]
             if progress is not None:
                 progress(sum(a.nbytes for a in arrays) // len(r.targets))
             shape = tuple(leaf.shape) if t.layer is None else tuple(leaf.shape[1:])

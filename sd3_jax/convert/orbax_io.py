@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
+import types
+import typing
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -50,40 +53,96 @@ def config_to_json(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _json_type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a config field annotated `hint` (int, float, str, bool, tuples,
+    optionals); unknown annotations accept anything."""
+    if hint is Any:
+        return True
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_json_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            return False
+        inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else None
+        return inner is None or all(_json_type_ok(v, inner) for v in value)
+    return True
+
+
 def config_from_json(cls: type, d: Mapping[str, Any], **overrides: Any) -> Any:
+    """The config dataclass `cls` from its JSON form; anything that does not fit raises
+    CheckpointFormatError naming the field."""
+    if not isinstance(d, Mapping):
+        raise CheckpointFormatError(f"{cls.__name__}: config is not a JSON object")
     names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kw = {}
     for k, v in d.items():
         if k not in names:
             raise CheckpointFormatError(f"{cls.__name__}: unknown config field {k!r} in checkpoint")
         if k.endswith("dtype"):
-            v = None if v is None else jnp.dtype(v)
-        elif isinstance(v, list):
-            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            try:
+                v = None if v is None else jnp.dtype(v)
+            except TypeError:
+                raise CheckpointFormatError(f"{cls.__name__}.{k}: {v!r} is not a dtype") from None
+        else:
+            if not _json_type_ok(v, hints.get(k, Any)):
+                raise CheckpointFormatError(f"{cls.__name__}.{k}: {v!r} does not fit {hints.get(k)}"[:300])
+            if isinstance(v, list):
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
         kw[k] = v
     kw.update(overrides)
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{cls.__name__} from checkpoint: {e}"[:300]) from None
 
 
-def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
-    tree: Any = value
-    for p in reversed(path):
-        tree = {p: tree}
-    return tree
+def save_params_streaming(
+    directory: str,
+    leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
+    chunk_bytes: int = 256 << 20,
+) -> int:
+    """Writes (path, array) pairs into one Orbax PyTree checkpoint at `directory`.
 
-
-def save_params_streaming(directory: str, leaves: Iterable[tuple[tuple[str, ...], np.ndarray]]) -> int:
-    """Writes (path, array) pairs into one Orbax PyTree checkpoint at `directory`, one leaf per save.
+    Leaves are gathered into partial saves of about `chunk_bytes` each (Orbax v1 partial saves, finalized
+    at the end), so host memory stays at one chunk plus the largest leaf while a small model is written in
+    one save rather than one per leaf (each save costs a fixed tenth of a second or so).
 
     Returns the number of parameters written.
     """
     from orbax.checkpoint.experimental.v1 import partial
 
-    count = 0
+    count, pending, size = 0, {}, 0
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            partial.save(directory, pending)
+        pending, size = {}, 0
+
     for path, value in leaves:
-        partial.save(directory, _nest(path, np.asarray(value)))
-        count += int(np.prod(np.shape(value)))
-        del value
+        value = np.asarray(value)
+        node = pending
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+        count += value.size
+        size += value.nbytes
+        del value, node
+        if size >= chunk_bytes:
+            flush()
+    flush()
     partial.finalize(directory)
     return count
 
@@ -102,7 +161,10 @@ def restore_params(directory: str, abstract: Any, dtype: Any = None, shardings: 
     # Read with the API that wrote it (`save_params_streaming`: orbax v1 partial saves), which keeps its
     # metadata beside the component, not in state/ where the v0 StandardCheckpointer looks (and warns).
     directory = os.path.abspath(directory)  # orbax finds no metadata under relative paths
-    stored = ocp.metadata(directory).metadata
+    if not os.path.isdir(directory):
+        raise CheckpointFormatError(f"{directory}: component folder missing")
+    with _unreadable(directory):
+        stored = ocp.metadata(directory).metadata
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None:
         shardings = jax.tree.map(lambda _: device, abstract)
@@ -121,7 +183,25 @@ def restore_params(directory: str, abstract: Any, dtype: Any = None, shardings: 
         raise CheckpointFormatError(
             f"{directory}: stored params do not match the model's tree: {e}"
         ) from None
-    return ocp.load(directory, targets)
+    with _unreadable(directory):
+        return ocp.load(directory, targets)
+
+
+@contextlib.contextmanager
+def _unreadable(directory: str) -> Iterator[None]:
+    """Turns whatever Orbax or TensorStore raise on a damaged folder (missing or truncated files, bad
+    metadata: OSError, ValueError, KeyError, tensorstore's own errors...) into one CheckpointFormatError
+    line."""
+    try:
+        yield
+    except CheckpointFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any failure to read stored params means a damaged checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointFormatError(
+            f"{directory}: cannot read the stored params, the checkpoint is damaged "
+            f"({type(e).__name__}: {first})"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -157,10 +237,22 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise CheckpointFormatError(f"{directory}: no such checkpoint directory")
     if not os.path.exists(path):
         raise CheckpointFormatError(f"{directory}: not a complete sd3-jax checkpoint (no {MANIFEST})")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise CheckpointFormatError(
-            f"{directory}: checkpoint format {manifest.get('format')!r}, expected {FORMAT}"
-        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointFormatError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise CheckpointFormatError(f"{directory}: checkpoint format {found!r}, expected {FORMAT}"[:300])
+    from sd3_jax.convert.components import CONFIG_CLASS
+
+    components = manifest.get("components")
+    if not isinstance(components, dict) or not all(
+        isinstance(c, dict)
+        and c.get("kind") in (*CONFIG_CLASS, "identity")
+        and isinstance(c.get("config"), dict)
+        for c in components.values()
+    ):
+        raise CheckpointFormatError(f"{path}: corrupt manifest (components are not {{kind, config}} entries)")
     return manifest

@@ -9,6 +9,7 @@ memory map, so a converted file's pages never count against resident memory); bf
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +39,21 @@ class CorruptFileError(ValueError):
     """A safetensors file whose header or byte ranges do not hold together."""
 
 
+def _entry(e: Any) -> tuple[np.dtype, tuple[int, ...], int, int] | None:
+    """(dtype, shape, begin, end) of one header entry, or None when it is malformed."""
+    if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPES:
+        return None
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    ints = lambda v, n=None: (
+        isinstance(v, list)
+        and (n is None or len(v) == n)
+        and all(type(x) is int and 0 <= x < 2**62 for x in v)
+    )
+    if not ints(shape) or not ints(offsets, 2) or offsets[0] > offsets[1]:
+        return None
+    return DTYPES[e["dtype"]], tuple(shape), offsets[0], offsets[1]
+
+
 class SafetensorsFile:
     """One safetensors file opened for reading tensor by tensor."""
 
@@ -55,23 +71,24 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nesting too deep
                 raise CorruptFileError(f"{self.path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CorruptFileError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CorruptFileError(
+                f"{self.path}: corrupt safetensors header (__metadata__ is not str -> str)"
+            )
+        self.metadata: dict[str, str] = metadata
         self._start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(d) for d in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CorruptFileError(
-                    f"{self.path}: corrupt header entry for tensor {name!r}: {e}"
-                ) from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+            entry = _entry(e)
+            if entry is None:
+                raise CorruptFileError(f"{self.path}: corrupt header entry for tensor {name!r}: {e}"[:300])
+            dtype, shape, begin, end = entry
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise CorruptFileError(f"{self.path}: tensor {name!r} byte range does not match its shape")
             if self._start + end > size:
                 raise CorruptFileError(
@@ -79,6 +96,18 @@ class SafetensorsFile:
                     f"file has {size}"
                 )
             self._entries[name] = (dtype, shape, begin, end)
+        # As the safetensors library requires: the byte ranges tile the data from 0 without gaps or overlaps.
+        ranges = sorted((b, e) for _, _, b, e in self._entries.values())
+        at = 0
+        for b, e in ranges:
+            if b != at:
+                how = "overlap" if b < at else "leave gaps"
+                raise CorruptFileError(
+                    f"{self.path}: corrupt header: tensor byte ranges {how} at {min(b, at)}"
+                )
+            at = e
+        if self._start + at != size:
+            raise CorruptFileError(f"{self.path}: {size - self._start - at} bytes after the last tensor")
         self._file = open(self.path, "rb")
 
     def keys(self) -> list[str]:

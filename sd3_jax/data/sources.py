@@ -43,13 +43,19 @@ _EXIF_ORIENTATION = 0x0112  # orientations 5-8 swap width and height
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Decodes an image file to uint8 (H, W, 3) RGB, upright per its EXIF orientation.
 
-    Images with transparency are composited onto white; palette and greyscale images are expanded.
+    Images with transparency are composited onto white; palette and greyscale images are expanded; 16-bit
+    greyscale (PIL modes I;16 and I) is scaled to 8 bits (v / 257, rounded), float greyscale (F) is read as
+    [0, 1]; CMYK is converted by PIL.
 
     Raises:
       OSError or ValueError (PIL's errors) when the file is missing or cannot be decoded.
     """
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I") or im.mode == "F":  # PIL's convert() would clip these to 255
+            a = np.asarray(im, np.float64)
+            a = np.clip(a / 257.0 if im.mode != "F" else a * 255.0, 0, 255)
+            return np.repeat(np.round(a).astype(np.uint8)[..., None], 3, axis=-1)
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -50,8 +50,18 @@ class MMDiTConfig:
     remat: str = "none"  # rematerialisation policy of each block: none, full, dots, dots_no_batch
 
     def __post_init__(self):
-        if self.depth < 1 or self.num_heads < 1 or self.head_dim < 1 or self.patch_size < 1:
-            raise ValueError(f"MMDiTConfig: depth, heads, head_dim and patch_size must be positive: {self}")
+        sizes = ("depth", "num_heads", "head_dim", "patch_size", "in_channels", "out_channels", "context_dim")
+        sizes += ("pooled_dim", "sample_size", "pos_embed_max_size")
+        small = [n for n in sizes if getattr(self, n) < 1]
+        if small:
+            raise ValueError(f"MMDiTConfig: {', '.join(small)} must be positive")
+        if (self.num_heads * self.head_dim) % 4:
+            raise ValueError(
+                f"MMDiTConfig: the width num_heads * head_dim = {self.num_heads * self.head_dim} must be a "
+                "multiple of 4 (the 2-D sin-cos position table)"
+            )
+        if not 0 < self.mlp_ratio < 1e3:
+            raise ValueError(f"MMDiTConfig: mlp_ratio must be a positive number, got {self.mlp_ratio}")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"MMDiTConfig: dual_attention_layers {bad} outside 0..{self.depth - 1}")

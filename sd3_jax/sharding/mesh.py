@@ -24,6 +24,10 @@ class MeshConfig:
     tensor: int = 1  # tensor (model) parallelism over heads and MLP width
     num_devices: int = 0  # use the first N devices; 0: all devices of all processes
 
+    def __post_init__(self):
+        if self.num_devices < 0:
+            raise ValueError(f"mesh.num_devices must be >= 0 (0: all devices), got {self.num_devices}")
+
     def sizes(self, n_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
@@ -65,6 +69,9 @@ def logical_to_spec(
 ) -> PartitionSpec:
     """PartitionSpec for an array with logical axis `names`; a dim the mesh axes do not divide stays whole."""
     table = dict(rules)
+    unknown = [n for n in names if n is not None and n not in table]
+    if unknown:  # a name the table lacks would silently leave its dimension whole on every device
+        raise ValueError(f"logical axis names {unknown} are not in the rules table ({', '.join(table)})")
     used: set[str] = set()
     out = []
     for name, size in zip(names, shape):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 import typing
@@ -12,6 +13,23 @@ from typing import Any
 from sd3_jax.lora import LoraConfig
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import MeshConfig
+
+
+def check_ranges(obj: Any, **ranges: tuple[float | None, float | None]) -> None:
+    """Raises ValueError for a float field of `obj` that is NaN or infinite, or a field outside its
+    [low, high] in `ranges` (None: unbounded on that side)."""
+    name = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{name}.{f.name} must be a finite number, got {v}")
+    for field, (low, high) in ranges.items():
+        v = getattr(obj, field)
+        values = v if isinstance(v, tuple) else (v,)
+        if any((low is not None and x < low) or (high is not None and x > high) for x in values):
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            raise ValueError(f"{name}.{field} must lie in [{lo}, {hi}], got {v}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +46,16 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
+        check_ranges(
+            self,
+            lr=(0, None),
+            warmup_steps=(0, None),
+            b1=(0, 1),
+            b2=(0, 1),
+            eps=(0, None),
+            weight_decay=(0, None),
+            clip_norm=(0, None),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +76,16 @@ class DataConfig:
     def __post_init__(self):
         if self.kind not in ("synthetic", "prepared", "shapes", "pairs"):
             raise ValueError(f"data.kind must be synthetic, prepared, shapes or pairs, got {self.kind!r}")
+        check_ranges(
+            self,
+            num_examples=(1, None),
+            latent_size=(1, None),
+            text_len=(1, None),
+            clip_l_dim=(1, None),
+            clip_g_dim=(1, None),
+            t5_len=(0, None),
+            val_examples=(0, None),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +143,20 @@ class TrainConfig:
             )
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"compute_dtype {self.compute_dtype!r} unknown")
+        check_ranges(
+            self,
+            logit_s=(1e-6, None),
+            mode_s=(-1, 2 / (math.pi - 2)),  # the paper's range, where the density is positive
+            shift=(1e-6, None),
+            text_dropout=(0, 1),
+            ema_decay=(0, 1),
+            checkpoint_every=(1, None),
+            keep_checkpoints=(1, None),
+            log_every=(1, None),
+            eval_every=(0, None),
+            eval_timesteps=(0, 1),
+            peak_flops=(0, None),
+        )
 
 
 def check_finetune(cfg: TrainConfig) -> None:
@@ -134,6 +186,17 @@ def load_config(path: str) -> Any:
     return module.get_config()
 
 
+def _parse_dtype(value: str) -> Any:
+    """A compute or param dtype by name (float32, bfloat16, float16), or None."""
+    if value.lower() == "none":
+        return None
+    if value not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"expected float32, bfloat16, float16 or none, got {value!r}")
+    import jax.numpy as jnp
+
+    return jnp.dtype(value)
+
+
 def _parse(value: str, current: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if isinstance(current, bool) or hint is bool:
@@ -147,7 +210,7 @@ def _parse(value: str, current: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         conv = args[0] if args and args[0] in (int, float, str) else (type(current[0]) if current else str)
         return tuple(conv(v.strip()) for v in items)
-    if value.lower() == "none":
+    if value.lower() == "none" and (current is None or type(None) in typing.get_args(hint)):
         return None
     for t in (int, float):
         if isinstance(current, t) and not isinstance(current, bool) or hint is t:
@@ -161,7 +224,8 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if "=" not in item:
             raise ValueError(f"--set takes key=value, got {item!r}")
         key, value = item.split("=", 1)
-        cfg = _replace(cfg, key.strip().split("."), value.strip(), key)
+        shown = item if item.isprintable() else repr(item)
+        cfg = _replace(cfg, key.strip().split("."), value.strip(), shown)
     return cfg
 
 
@@ -193,7 +257,13 @@ def _replace(obj: Any, path: list[str], value: str, full: str) -> Any:
         except NameError:
             hints = {}
         try:
-            new = _parse(value, current, hints.get(name))
+            if name.endswith("dtype") and not isinstance(current, str):
+                new = _parse_dtype(value)
+            else:
+                new = _parse(value, current, hints.get(name))
         except ValueError as e:
             raise ValueError(f"--set {full}: {e}") from None
-    return dataclasses.replace(obj, **{name: new})
+    try:
+        return dataclasses.replace(obj, **{name: new})
+    except TypeError as e:  # a value of the wrong type that a check compared or did arithmetic with
+        raise ValueError(f"--set {full}: {e}") from None

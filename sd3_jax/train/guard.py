@@ -71,3 +71,69 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class HeldThreadOutput:
+    """sys.stderr for a training run: the main thread writes straight through; other threads' writes are
+    held until `release()` (passed on, in order) or `drop()`.
+
+    Orbax writes checkpoints from its own threads, and when the disk fills each of them prints the error it
+    met (absl tracebacks, TensorStore callbacks on a closed event loop) before the loop hears of it. The
+    loop releases held output once a checkpoint is known to be complete, so nothing is lost on a good run,
+    and drops it when a write failed: its one `CheckpointWriteError` line says what happened.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._held: list[str] = []
+        self._lock = threading.Lock()
+        self.hold_main = False  # hold the main thread's writes too (while it waits on a checkpoint write)
+
+    def write(self, text: str) -> int:
+        if not self.hold_main and threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        with self._lock:
+            self._held.append(text)
+        return len(text)
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        if held:
+            self._stream.write("".join(held))
+            self._stream.flush()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._held = []
+
+    def __getattr__(self, name: str):  # flush, fileno, isatty, encoding...: the real stream's
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def held_thread_output() -> Iterator[HeldThreadOutput]:
+    """Installs a `HeldThreadOutput` as sys.stderr for the block (and as the stream of logging handlers
+    that hold the old one); what is still held at the end is released."""
+    import logging
+    import sys
+
+    old = sys.stderr
+    held = HeldThreadOutput(old)
+    handlers = [
+        h
+        for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        if isinstance(lg, logging.Logger)
+        for h in lg.handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is old
+    ]
+    sys.stderr = held
+    for h in handlers:
+        h.setStream(held)
+    try:
+        yield held
+        held.release()
+    finally:
+        sys.stderr = old
+        for h in handlers:
+            h.setStream(old)

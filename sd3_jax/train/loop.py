@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -19,9 +21,13 @@ from sd3_jax.flops import mmdit_forward_flops, peak_flops
 from sd3_jax.sharding.mesh import activation_rules, make_mesh
 from sd3_jax.train import data as train_data
 from sd3_jax.train.config import TrainConfig, check_finetune
-from sd3_jax.train.guard import Preempted, Preemption, workdir_lock
+from sd3_jax.train.guard import HeldThreadOutput, Preempted, Preemption, held_thread_output, workdir_lock
 from sd3_jax.train.state import TrainState, create_state, make_optimizer, state_shardings
 from sd3_jax.train.step import eval_loss, train_step
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous ones are intact."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -160,11 +166,17 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
     """
     check_finetune(cfg)
     os.makedirs(workdir, exist_ok=True)
-    with workdir_lock(workdir, jax.process_index() == 0), Preemption(jax.process_count() == 1) as preemption:
-        return _train(cfg, workdir, progress, preemption)
+    with (
+        workdir_lock(workdir, jax.process_index() == 0),
+        Preemption(jax.process_count() == 1) as preemption,
+        held_thread_output() as held,
+    ):
+        return _train(cfg, workdir, progress, preemption, held)
 
 
-def _train(cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemption) -> TrainState:
+def _train(
+    cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemption, held: HeldThreadOutput
+) -> TrainState:
     import orbax.checkpoint as ocp
 
     from sd3_jax.lora import create_lora_state, lora_state_shardings
@@ -225,10 +237,44 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemptio
 
             bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
+        @contextlib.contextmanager
+        def writing(step):
+            """Turns a failed checkpoint write (Orbax and TensorStore raise ValueError, OSError...) into one
+            CheckpointWriteError line naming the last complete checkpoint, which is kept."""
+            held.hold_main = True  # Orbax logs a failed write from the waiting thread too
+            try:
+                yield
+            except Exception as e:  # noqa: BLE001 -- whatever the writer raised, the run cannot go on
+                # Orbax's writer threads each printed what they met (held, see guard.HeldThreadOutput), and
+                # asyncio would log the writes that failed alongside: the error below says it all.
+                held.drop()
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+                mngr.reload()
+                done = mngr.latest_step() or 0
+                if cfg.async_checkpoints and started[0] is not None and started[0] > done:
+                    step = started[0]  # the write that failed is the one still in flight
+                first = (str(e).strip().splitlines() or [""])[0]
+                code = re.search(r"([^:]+) \[os_error_code='(\d+)'\]", first)  # TensorStore's OS errors
+                why = f"{code[1].strip()}, errno {code[2]}" if code else first[:200]
+                raise CheckpointWriteError(
+                    f"could not write the checkpoint at step {step} ({why}); last complete checkpoint: step "
+                    f"{mngr.latest_step()} in {os.path.join(workdir, 'checkpoints')} (kept): make room and "
+                    "run the same command to resume from it"
+                ) from None
+            finally:
+                held.hold_main = False
+
+        started = [None]  # the step of the last checkpoint whose (async) write began
+
+        def finish(step):
+            with writing(step):
+                mngr.wait_until_finished()
+            held.release()
+
         def check(step, loss):
             value = float(loss)
             if not math.isfinite(value):
-                mngr.wait_until_finished()
+                finish(step)
                 good = mngr.latest_step()
                 raise TrainingDiverged(
                     f"loss is {value} at step {step}; stopped. Last good checkpoint: step {good} in "
@@ -280,17 +326,22 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemptio
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 metrics_out.write({"step": step, "loss": check(step, m["loss"])})
                 pending = None
-                mngr.save(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        data=ocp.args.JsonSave({"iterator": train_data.iterator_state(it), "seed": cfg.seed}),
-                    ),
-                )
+                with writing(step):
+                    mngr.save(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(state),
+                            data=ocp.args.JsonSave(
+                                {"iterator": train_data.iterator_state(it), "seed": cfg.seed}
+                            ),
+                        ),
+                    )
+                started[0] = step
+                held.release()  # the save before this one is complete (Orbax waits for it)
             if bar is not None:
                 bar.update(1)
             if stop:
-                mngr.wait_until_finished()
+                finish(step)
                 if bar is not None:
                     bar.close()
                 raise Preempted(
@@ -299,7 +350,7 @@ def _train(cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemptio
                 )
         if pending is not None:
             metrics_out.write({"step": pending[0], "loss": check(*pending)})
-        mngr.wait_until_finished()
+        finish(cfg.steps)
         if bar is not None:
             bar.close()
         if lora:
