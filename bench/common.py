@@ -420,11 +420,11 @@ CONVERT_COLS = [
     ("copy_s", "copy s"),
     ("convert_s", "convert s"),
     ("convert_over_copy", "convert / copy"),
-    ("convert_peak_rss_gb", "convert peak RSS GB"),
+    ("convert_peak_rss_gb", "convert peak RSS GiB"),
     ("read_s", "read ckpt s"),
     ("load_s", "load s"),
     ("load_over_read", "load / read"),
-    ("load_peak_rss_gb", "load peak RSS GB"),
+    ("load_peak_rss_gb", "load peak RSS GiB"),
 ]
 
 LIMITS = {

@@ -40,7 +40,7 @@ for d in "${DEVICES[@]}"; do
   echo "== $d: training step"
   python bench/training.py --device "$d"
   if [[ "$CONVERSION" == 1 ]]; then
-    echo "== $d: conversion of a full-size SD3 Medium single file"
+    echo "== $d: conversion and loading of full-size single files (SD3 Medium fp16 and bf16, SD3.5 Large)"
     python bench/conversion.py --device "$d"
   fi
   if [[ "$d" == cpu ]]; then

@@ -212,7 +212,11 @@ def test_bundled_single_file(tmp_path):
     cfg_l, params_l = load_clip(path, which="clip_l")
     cfg_g, params_g = load_clip(path, which="clip_g")
     assert cfg_l.projection_dim is None and cfg_g.projection_dim == FILE_CFG.width
-    assert export_clip(params_g, cfg_g).keys() == sd_g.keys()
+    for cfg_x, params_x, sd_x in ((cfg_l, params_l, sd_l), (cfg_g, params_g, sd_g)):
+        exported = export_clip(params_x, cfg_x)
+        assert exported.keys() == sd_x.keys()
+        for k, v in exported.items():  # values, not only names: each tensor comes back bit for bit
+            np.testing.assert_array_equal(v, sd_x[k], err_msg=k)
     cfg_t5, params_t5 = load_t5(path)
     assert cfg_t5.layers == 2 and cfg_t5.heads == 2 and cfg_t5.d_kv == 64
     for k, v in export_t5(params_t5, cfg_t5).items():
@@ -257,9 +261,20 @@ def test_presets_match_transformers(preset):
     assert prefix == "text_model." and inferred == cfg
 
 
-def test_hf_config_roundtrip(tmp_path):
+@pytest.mark.parametrize("preset", ["clip_l", "clip_g"])
+def test_hf_config_roundtrip(tmp_path, preset):
+    """Our config -> config.json (`hf_clip_config`) -> transformers' model -> its tensors and that JSON
+    read back (`clip_config_from`) gives the same config, every field; the model has our tensor shapes."""
     from sd3_jax.convert.text_encoders import hf_clip_config
 
-    cfg = CLIPConfig.clip_g()
+    cfg = getattr(CLIPConfig, preset)()
     (tmp_path / "config.json").write_text(json.dumps(hf_clip_config(cfg)))
-    assert CLIPTextConfig.from_pretrained(tmp_path).hidden_act == "gelu"
+    hf = CLIPTextConfig.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(hf)
+    back, prefix = clip_config_from(
+        open_tensors(model.state_dict()), json.loads((tmp_path / "config.json").read_text())
+    )
+    assert back == cfg and prefix == "text_model."
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert source_shapes(clip_rules(cfg), clip_abstract(cfg)) == want

@@ -30,9 +30,13 @@ def sincos_2d_table(dim: int, grid_size: int, base_size: int, interpolation_scal
     second the row, tokens in row-major order.
     """
     grid = np.arange(grid_size, dtype=np.float32) / (grid_size / base_size) / interpolation_scale
-    cols, rows = np.meshgrid(grid, grid, indexing="xy")
-    emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
-    return emb.astype(np.float32)[None]
+    # Each token's embedding is (its column's, its row's): the same values diffusers computes on the full
+    # meshgrid, built from the grid_size distinct ones (an SD3 table is 36864 tokens x 1536 channels).
+    one = sincos_1d(dim // 2, grid).astype(np.float32)  # (grid_size, dim / 2)
+    emb = np.empty((grid_size, grid_size, dim), np.float32)  # (row, column, channel)
+    emb[:, :, : dim // 2] = one[None, :, :]
+    emb[:, :, dim // 2 :] = one[:, None, :]
+    return emb.reshape(1, grid_size * grid_size, dim)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
