@@ -183,26 +183,32 @@ def outputs(d) -> list[str]:
     return sorted(p for p in os.listdir(d) if p != "in")
 
 
+def refused_or_wrote(capsys, args: list[str], d, written: list[str]) -> None:
+    """The CLI exits 2 with one error line and nothing new in `d`, or 0 having written exactly `written`."""
+    from sd3_jax.cli import main
+
+    capsys.readouterr()
+    rc = main(args)
+    event(f"exit {rc}")
+    if rc == 2:
+        one_line_error(capsys)
+        assert outputs(d) == []
+    else:
+        assert rc == 0 and outputs(d) == written
+
+
 @SLOW
 @given(data=st.data())
 def test_convert_of_a_damaged_transformer_file(tiny, tmp_path_factory, data, capsys):
     """`sd3-jax convert` on the diffusers transformer file with generated damage: exit 0, or 2 with one
     line and nothing under --out's folder."""
-    from sd3_jax.cli import main
 
     src = tiny / "diffusers" / "transformer" / "diffusion_pytorch_model.safetensors"
     d = tmp_path_factory.mktemp("convert")
     (d / "in").mkdir()
     bad = d / "in" / "transformer.safetensors"
     bad.write_bytes(data.draw(corruptions(src.read_bytes())))
-    capsys.readouterr()
-    rc = main(["convert", str(bad), "--out", str(d / "out"), "--no-progress"])
-    event(f"exit {rc}")
-    if rc == 2:
-        one_line_error(capsys)
-        assert outputs(d) == []
-    else:
-        assert rc == 0 and outputs(d) == ["out"]
+    refused_or_wrote(capsys, ["convert", str(bad), "--out", str(d / "out"), "--no-progress"], d, ["out"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,20 +269,11 @@ def checkpoint_damage(draw, ckpt):
 def test_sample_from_a_damaged_checkpoint(tiny, tmp_path_factory, data, capsys):
     import shutil
 
-    from sd3_jax.cli import main
-
     d = tmp_path_factory.mktemp("ckpt")
     shutil.copytree(tiny / "ckpt", d / "in")
     data.draw(checkpoint_damage(str(tiny / "ckpt")))(str(d / "in"))
-    capsys.readouterr()
     args = ["sample", "--checkpoint", str(d / "in"), "--prompt", "a cat", "--size", "8x8", "--steps", "1"]
-    rc = main(args + ["--out", str(d / "x.png"), "--no-progress"])
-    event(f"exit {rc}")
-    if rc == 2:
-        one_line_error(capsys)
-        assert outputs(d) == []
-    else:
-        assert rc == 0 and outputs(d) == ["x.png"]
+    refused_or_wrote(capsys, args + ["--out", str(d / "x.png"), "--no-progress"], d, ["x.png"])
 
 
 # ---------------------------------------------------------------------------------------------------------
