@@ -107,25 +107,73 @@ def _train_peak(model, res, per_chip, devices, remat) -> tuple[list, int]:
     return progs, max(peak, plan.chip_hbm(devices[0]) + 1) if any(p.oom for p in progs) else peak
 
 
-def max_batch(model: str, res: int, devices, remat: str, first=None) -> dict:
-    """Largest images per chip that fit: compiles at 1 and 2 per chip, memory taken as affine in the batch to
-    predict the largest, and that batch compiled to confirm (stepping down while it does not fit)."""
-    hbm = plan.chip_hbm(devices[0])
-    p1 = first if first is not None else _train_peak(model, res, 1, devices, remat)[1]
-    if p1 > hbm:
-        return {"max_per_chip": 0, "checked": [1]}
-    p2 = _train_peak(model, res, 2, devices, remat)[1]
-    if p2 > hbm:
-        return {"max_per_chip": 1, "checked": [1, 2]}
-    slope = max(p2 - p1, 1)
-    n = min(int((hbm - p1) // slope) + 1, 256)
-    checked = [1, 2]
-    while n > 2:
-        checked.append(n)
-        if _train_peak(model, res, n, devices, remat)[1] <= hbm:
-            return {"max_per_chip": n, "checked": checked, "gib_per_image": round(slope / plan.GIB, 3)}
-        n -= max(1, n // 8)
-    return {"max_per_chip": 2, "checked": checked, "gib_per_image": round(slope / plan.GIB, 3)}
+def _tokens(res: int, text_tokens: int = 333) -> int:
+    """The joint sequence of a res x res image: (res / 8 latent / 2 patch)^2 image tokens plus the text."""
+    return (res // 16) ** 2 + text_tokens
+
+
+def _affine(points: list[tuple[int, int, int]]) -> tuple[float, float] | None:
+    """Least squares of peak = fixed + per_token_image * (batch * tokens) over (batch, tokens, peak) points
+    that compiled; None while fewer than two distinct batch * tokens are known."""
+    import numpy as np
+
+    x = np.array([b * t for b, t, _ in points], float)
+    if len(set(x)) < 2:
+        return None
+    y = np.array([p for _, _, p in points], float)
+    slope, fixed = np.polyfit(x, y, 1)
+    return fixed, max(slope, 1.0)
+
+
+def max_batch(model: str, res: int, devices, remat: str, points: list, first=None) -> dict:
+    """Largest images per chip that fit at `res`. The peak is taken as affine in batch x tokens (the flash
+    kernel keeps attention linear in the sequence), fitted on every compile of this model, slice and
+    policy so far (`points`, extended here); the predicted largest batch is compiled to confirm it, and
+    stepped down while the compiler refuses it. Two compiles start a policy's fit (1 and 2 per chip); the
+    peak at 1 per chip, where the fit table has it (`first`), is a free point."""
+    hbm, tok = plan.chip_hbm(devices[0]), _tokens(res)
+    checked = []
+
+    def compile_at(n: int) -> bool:
+        peak = first if (n == 1 and first is not None) else _train_peak(model, res, n, devices, remat)[1]
+        ok = peak <= hbm
+        checked.append([n, round(peak / plan.GIB, 2) if ok else "does not fit"])
+        if ok:
+            points.append((n, tok, peak))
+        return ok
+
+    fresh = not any(t == tok for _, t, _ in points)
+    if fresh and (first is not None or not points) and not compile_at(1):  # 1 costs no compile with `first`
+        return {"max_per_chip": 0, "checked": checked}
+    if _affine(points) is None and not compile_at(2):
+        return {"max_per_chip": 1, "checked": checked}
+    refused = 257
+    while True:
+        fixed, slope = _affine(points)
+        n = max(1, min(int((hbm - fixed) // (slope * tok)), refused - 1, 256))
+        known = {b for b, t, _ in points if t == tok}
+        if n in known or compile_at(n):
+            if n + 1 >= refused or n == 256:
+                break
+            fixed, slope = _affine(points)
+            if fixed + slope * (n + 1) * tok > hbm:
+                break
+            continue  # the refit predicts that more fit: try it
+        refused = n
+        if n == 1:
+            return {"max_per_chip": 0, "checked": checked}
+        fixed, slope = _affine(points)
+        n = max(1, min(int((hbm - fixed) // (slope * tok)), n - max(1, n // 16)))
+        if compile_at(n):
+            continue
+        refused = n
+    fixed, slope = _affine(points)
+    return {
+        "max_per_chip": n,
+        "checked": checked,
+        "gib_per_image": round(slope * tok / plan.GIB, 3),
+        "predicted_next_gib": round((fixed + slope * (n + 1) * tok) / plan.GIB, 2),
+    }
 
 
 def run_sample(out: str) -> None:
@@ -175,31 +223,48 @@ def run_train(out: str) -> None:
               f"({'fits' if row['fits'] else 'does not fit'})", flush=True)  # fmt: skip
 
 
+def _points(doc: dict, train: dict, key: tuple) -> list:
+    """The (batch, tokens, peak bytes) compiles already recorded for (model, topology, remat)."""
+    points = []
+    for r in doc["results"]:
+        if (r["model"], r["topology"], r["remat"]) != key:
+            continue
+        tok = _tokens(r["res"])
+        for c in r["checked"]:
+            if isinstance(c, list) and c[1] != "does not fit":
+                points.append((c[0], tok, c[1] * plan.GIB))
+        if r["checked"] and not isinstance(r["checked"][0], list):  # first format: 1 and 2, then the slope
+            p1 = train[(r["model"], r["topology"], r["res"])]["peak_gib"] * plan.GIB
+            points += [(1, tok, p1), (2, tok, p1 + r["gib_per_image"] * plan.GIB)]
+    return points
+
+
 def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...]) -> None:
     """The largest batch per chip under each remat policy for the training rows of `topologies` (in their
-    own file, so that it can run beside `--task train`)."""
-    rows = [r for r in _load(train_json)["results"] if r["topology"] in topologies]
+    own file, so that it can run beside `--task train`), one model, slice and policy at a time so that
+    each search starts from the fit of the resolutions before it."""
+    train = {(r["model"], r["topology"], r["res"]): r for r in _load(train_json)["results"]}
     doc = _load(out)
     done = {(r["model"], r["topology"], r["res"], r["remat"]) for r in doc["results"]}
-    devices_of = {}
-    for remat in MAX_BATCH_REMAT:
-        for row in rows:
-            key = (row["model"], row["topology"], row["res"], remat)
-            if key in done:
-                continue
-            devices = devices_of.setdefault(row["topology"], plan.topology_devices(row["topology"]))
-            first = (
-                (row["peak_gib"] * plan.GIB if row["fits"] else plan.chip_hbm(devices[0]) + 1)
-                if remat == "none"
-                else None
-            )
-            found = max_batch(row["model"], row["res"], devices, remat, first)
-            doc["results"].append(dict(zip(("model", "topology", "res", "remat"), key), **found))
-            _save(out, doc)
-            print(
-                f"{row['model']:12s} {row['topology']:10s} {row['res']:5d} px remat {remat}: {found}",
-                flush=True,
-            )
+    for topology in topologies:
+        devices = None
+        for model in MODELS:
+            for remat in MAX_BATCH_REMAT:
+                points = _points(doc, train, (model, topology, remat))
+                for res in (256, 512, 1024):
+                    row = train.get((model, topology, res))
+                    if row is None or (model, topology, res, remat) in done:
+                        continue
+                    devices = devices or plan.topology_devices(topology)
+                    first = None
+                    if remat == "none":
+                        first = row["peak_gib"] * plan.GIB if row["fits"] else plan.chip_hbm(devices[0]) + 1
+                    found = max_batch(model, res, devices, remat, points, first)
+                    doc["results"].append(
+                        {"model": model, "topology": topology, "res": res, "remat": remat, **found}
+                    )
+                    _save(out, doc)
+                    print(f"{model:12s} {topology:10s} {res:5d} px remat {remat}: {found}", flush=True)
 
 
 def run_bucket(out: str, topology: str = "v5p:2x2x2", size=(1216, 832), text_tokens: int = 154) -> None:

@@ -120,6 +120,29 @@ def test_safetensors_read_without_torch(tmp_path, dtype):
     assert out.dtype == np_dtype
 
 
+def test_fp16_file_loaded_as_bf16_equals_torchs_cast(tmp_path):
+    """The cast rides on the layout copy (tiled where the weight is transposed): an fp16 file loaded as
+    bf16 is bit for bit the file torch casts to bf16, loaded as it is."""
+    from safetensors.torch import save_file
+
+    from sd3_jax.convert.mapping import _copy
+
+    w = torch.randn(700, 300, dtype=torch.float16) * 3  # big enough for tiles, not a multiple of them
+    dst = np.empty((300, 700), jnp.bfloat16)
+    _copy(dst, w.numpy().T)
+    np.testing.assert_array_equal(
+        dst.view(np.uint16), w.T.contiguous().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    )
+    sd = {"model.diffusion_model." + k: v for k, v in convert_sai(make_reference(SD3_STYLE).half()).items()}
+    save_file(sd, str(tmp_path / "fp16.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(tmp_path / "bf16.safetensors"))
+    _, cast = load_mmdit(tmp_path / "fp16.safetensors", dtype=jnp.bfloat16, num_heads=2)
+    _, kept = load_mmdit(tmp_path / "bf16.safetensors", num_heads=2)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cast), jax.tree.leaves(kept)):
+        assert a.dtype == b.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16), str(path))
+
+
 def convert_sai(ref) -> dict:
     """Stability-layout torch tensors of a diffusers model, via our exporter (dtype kept)."""
     sd = {k: v.float().numpy() for k, v in ref.state_dict().items()}

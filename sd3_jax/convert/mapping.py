@@ -305,10 +305,14 @@ def iter_params(
         buf = None
         for r, i, t in by_path[path]:
             arrays = [src.read(s) for s in r.sources]
-            if dtype is not None:
-                arrays = [a.astype(dtype, copy=False) for a in arrays]
-            else:  # fp8 files (t5xxl_fp8_e4m3fn) are storage only: every fp8 value is exact in bf16
-                arrays = [a.astype(ml_dtypes.bfloat16) if a.dtype in FP8 else a for a in arrays]
+            # fp8 files (t5xxl_fp8_e4m3fn) are storage only: every fp8 value is exact in bf16.
+            want = np.dtype(dtype) if dtype is not None else None
+            if want is None and arrays[0].dtype in FP8:
+                want = np.dtype(ml_dtypes.bfloat16)
+            if len({a.dtype for a in arrays}) > 1:
+                arrays = [a.astype(want or arrays[0].dtype, copy=False) for a in arrays]
+            # Otherwise the cast happens in the copy into the param below (rules only rearrange, so casting
+            # after them is exact): one pass over the tensor instead of a cast and then a copy.
             if progress is not None:
                 progress(sum(a.nbytes for a in arrays) // len(r.targets))
             shape = tuple(leaf.shape) if t.layer is None else tuple(leaf.shape[1:])
@@ -325,17 +329,21 @@ def iter_params(
                 )
             if t.layer is None:
                 buf = value
+                if want is not None and value.dtype != want:
+                    buf = np.empty(value.shape, want)
+                    _copy(buf, value)
             else:
                 if buf is None:
-                    buf = np.empty(leaf.shape, value.dtype)
+                    buf = np.empty(leaf.shape, want or value.dtype)
                 _copy(buf[t.layer], value)
             del arrays, value
         yield path, buf
 
 
 def _copy(dst: np.ndarray, value: np.ndarray, block: int = 256) -> None:
-    """dst[...] = value, in cache-sized tiles where value is a transposed matrix (torch's (out, in)
-    weights become (in, out...) kernels): numpy's element-by-element strided copy is 3-4x slower."""
+    """dst[...] = value, cast to dst's dtype on the way, in cache-sized tiles where value is a transposed
+    matrix (torch's (out, in) weights become (in, out...) kernels): numpy's element-by-element strided copy
+    is 3-4x slower."""
     m = value.reshape(value.shape[0], -1) if value.ndim >= 2 else None
     if m is None or not (m.T.flags.c_contiguous and np.may_share_memory(m, value)) or m.size < block * block:
         dst[...] = value
