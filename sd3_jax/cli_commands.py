@@ -42,6 +42,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _sample(a: argparse.Namespace) -> None:
     import jax.numpy as jnp
+    import numpy as np
     from PIL import Image, PngImagePlugin
 
     from sd3_jax.pipeline import SD3Pipeline
@@ -58,6 +59,17 @@ def _sample(a: argparse.Namespace) -> None:
 
         path, _, strength = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
         adapters.append((import_lora(path, pipe.transformer_config), float(strength or 1.0)))
+    image = mask = None
+    if a.mask and not a.image:
+        raise ValueError("--mask needs --image (the picture whose masked region is repainted)")
+    if a.image:
+        if a.size:
+            raise ValueError("--size does not go with --image: the image's own size is sampled")
+        with Image.open(a.image) as im:
+            image = np.asarray(im.convert("RGB"))[None]
+    if a.mask:
+        with Image.open(a.mask) as im:
+            mask = np.asarray(im.convert("L"))
     images = pipe.generate(
         a.prompt,
         a.negative_prompt,
@@ -71,6 +83,9 @@ def _sample(a: argparse.Namespace) -> None:
         num_images_per_prompt=a.num_images,
         skip_guidance_layers=a.skip_layers or None,
         adapters=adapters,
+        image=image,
+        mask_image=mask,
+        strength=a.strength,
         progress=not a.no_progress,
     )
     base, ext = os.path.splitext(a.out)
@@ -183,6 +198,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="FILE[:STRENGTH]",
         help="apply a LoRA (diffusers, kohya or ComfyUI layout) at a strength; repeatable",
+    )
+    s.add_argument("--image", help="img2img: start from this picture (its size is sampled)")
+    s.add_argument("--mask", help="inpainting, with --image: repaint where this picture is white")
+    s.add_argument(
+        "--strength", type=float, default=0.6, help="with --image: how far the picture is noised (0-1]"
     )
     s.add_argument("--out", default="sample.png")
     s.add_argument("--no-progress", action="store_true")

@@ -49,6 +49,7 @@ def denoise(
     uncond: dict | None,
     scale: jax.Array,
     adapters: Sequence[Any] = (),
+    inpaint: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     config: MMDiTConfig,
     sampler: str,
@@ -61,6 +62,8 @@ def denoise(
     """The whole denoising loop: `sampler` over `sigmas` with CFG (and skip-layer guidance) on the MMDiT.
 
     `adapters` are (Lora, strength) pairs applied inside the jit, so the stored params never change.
+    `inpaint`, (clean latents, initial noise, latent mask), keeps the unmasked region on the image's own
+    noising path (`samplers.inpaint_blend`).
     """
     model = MMDiT(config)
     if adapters:
@@ -87,7 +90,8 @@ def denoise(
         )
     else:
         vf = smp.cfg(model_fn, scale, cond, uncond)
-    return smp.SAMPLERS[sampler](vf, x, sigmas, progress=_tick)
+    after = smp.inpaint_blend(*inpaint, sigmas) if inpaint is not None else None
+    return smp.SAMPLERS[sampler](vf, x, sigmas, progress=_tick, after_step=after)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "tile"))
@@ -268,6 +272,7 @@ class SD3Pipeline:
         skip_layer_guidance_stop: float = 0.2,
         image: Any = None,
         strength: float = 0.6,
+        mask_image: Any = None,
         output: str = "uint8",
         vae_tile: int | None = None,
         adapters: Sequence[tuple[Any, float]] = (),
@@ -290,6 +295,10 @@ class SD3Pipeline:
           sampler: "euler" or "dpmpp_2m".
           skip_guidance_layers, skip_layer_guidance_*: skip-layer guidance (SD3.5 Medium uses (7, 8, 9)).
           image, strength: img2img from images (N, H, W, 3) uint8 or [0, 1] floats, noised to `strength`.
+          mask_image: inpainting (with `image`): where to repaint, white (>= 0.5) repainted and black kept;
+            a PIL image, or (H, W), (N, H, W) or (N, H, W, 1) uint8 or [0, 1] floats, N as for `image`. As
+            diffusers' StableDiffusion3InpaintPipeline: binarized, taken at every VAE-factor-th pixel, and
+            the kept region put back on the image's noising path after every step.
           output: "uint8" (N, H, W, 3), "float" ([0, 1] float32, before quantisation) or "latent".
           vae_tile: decode in tiles of this many latent pixels (bounded memory for large images).
           adapters: LoRA adapters as (sd3_jax.lora.Lora, strength) pairs, applied without merging
@@ -318,8 +327,12 @@ class SD3Pipeline:
         if output not in ("uint8", "float", "latent"):
             raise ValueError(f"output must be uint8, float or latent, got {output!r}")
         prompts = _as_prompts(prompt)
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: the picture whose masked region is repainted")
         if image is not None:
             image = np.asarray(image)
+            if image.ndim != 4 or image.shape[-1] != 3:
+                raise ValueError(f"image must be (N, H, W, 3), got shape {image.shape}")
             height, width = image.shape[1:3]
         self.check_size(height, width)
         n = len(prompts) * num_images_per_prompt
@@ -344,6 +357,7 @@ class SD3Pipeline:
         if latents.shape != shape:
             raise ValueError(f"latents must be {shape}, got {tuple(latents.shape)}")
         sigmas = self.sigmas(steps, shift, (lh, lw))
+        inpaint = None
         if image is not None:
             imgs = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
             if imgs.shape[0] != n:
@@ -352,6 +366,9 @@ class SD3Pipeline:
                 imgs = np.repeat(imgs, n // imgs.shape[0], axis=0)
             x0 = encode(self.vae_params, jnp.asarray(imgs), config=self.vae_config)
             sigmas = schedules.img2img_sigmas(sigmas, strength)
+            if mask_image is not None:
+                mask = latent_mask(mask_image, n, (height, width), self.vae_config.factor)
+                inpaint = (x0, latents, jnp.asarray(mask))
             latents = schedules.scale_noise(x0, latents, sigmas[0])
         cond = {"context": embeds.astype(dtype), "pooled": pooled.astype(dtype)}
         uncond = (
@@ -366,7 +383,7 @@ class SD3Pipeline:
             _BAR[:] = [bar]
         if self.mesh is not None:
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            latents, cond, uncond = jax.device_put((latents, cond, uncond), rep)
+            latents, cond, uncond, inpaint = jax.device_put((latents, cond, uncond, inpaint), rep)
         try:
             z = denoise(
                 self.transformer_params,
@@ -376,6 +393,7 @@ class SD3Pipeline:
                 uncond,
                 jnp.float32(guidance_scale),
                 tuple((a, jnp.float32(w)) for a, w in adapters),
+                inpaint,
                 config=self.transformer_config,
                 sampler=sampler,
                 use_cfg=use_cfg,
@@ -395,6 +413,35 @@ class SD3Pipeline:
         if output == "float":
             return images
         return (images * 255).round().astype(np.uint8)
+
+
+def latent_mask(mask: Any, n: int, size: tuple[int, int], factor: int) -> np.ndarray:
+    """An inpainting mask as diffusers' StableDiffusion3InpaintPipeline makes it: greyscale in [0, 1],
+    binarized at 0.5 (1 = repaint), nearest-resized to the latents (every `factor`-th pixel), repeated to `n`
+    images; (n, H / factor, W / factor, 1) float32."""
+    if hasattr(mask, "convert"):  # a PIL image
+        mask = np.asarray(mask.convert("L"))
+    m = np.asarray(mask)
+    if m.dtype == np.uint8:
+        m = m.astype(np.float32) / 255.0
+    elif m.dtype == bool or np.issubdtype(m.dtype, np.floating):
+        m = m.astype(np.float32)
+    else:
+        raise ValueError(f"mask_image must be uint8, bool or float, got {m.dtype}")
+    if m.ndim == 4 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3 or m.shape[1:] != tuple(size):
+        raise ValueError(
+            f"mask_image must be {size[0]}x{size[1]} like the image, (N,) H, W (, 1); got {m.shape}"
+        )
+    if not np.isfinite(m).all():
+        raise ValueError("mask_image has NaN or infinite values")
+    if n % m.shape[0]:
+        raise ValueError(f"cannot repeat {m.shape[0]} masks for {n} prompts x images")
+    m = np.where(m < 0.5, 0.0, 1.0).astype(np.float32)[:, ::factor, ::factor, None]
+    return np.repeat(m, n // m.shape[0], axis=0)
 
 
 def _check_numbers(**checks: tuple[Any, float | None, float | None, type]) -> None:

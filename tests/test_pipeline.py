@@ -156,6 +156,75 @@ def test_img2img_matches_diffusers(tiny, monkeypatch):
     assert np.abs(got - ref).max() <= 1e-3
 
 
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpaint_matches_diffusers(tiny, monkeypatch, strength):
+    """`generate(image=, mask_image=)` against StableDiffusion3InpaintPipeline on the same noise. diffusers'
+    inpaint pipeline decodes without adding the VAE's shift_factor back (its txt2img and img2img pipelines
+    add it), so its latents are taken and decoded as those pipelines decode."""
+    from diffusers import StableDiffusion3InpaintPipeline
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_inpaint as mod
+    from PIL import Image
+
+    root, pipes = tiny
+    orig = mod.retrieve_latents  # the posterior mean, as sd3-jax encodes
+    monkeypatch.setattr(
+        mod,
+        "retrieve_latents",
+        lambda enc, generator=None, sample_mode="sample": orig(enc, generator, sample_mode="argmax"),
+    )
+    inpaint = StableDiffusion3InpaintPipeline(**pipes[True].components)
+    # It takes 16 (or 33) channels for SD3's VAE; the tiny VAE has 4, which nothing but this check reads.
+    from diffusers.configuration_utils import FrozenDict
+
+    cfg = inpaint.transformer._internal_dict
+    monkeypatch.setattr(inpaint.transformer, "_internal_dict", FrozenDict({**cfg, "in_channels": 16}))
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    mask = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))  # greys: binarized at 0.5
+    kw = dict(num_inference_steps=5, guidance_scale=4.0, strength=strength)
+    z = inpaint(
+        PROMPT,
+        image=torch.from_numpy(image).permute(0, 3, 1, 2),
+        mask_image=mask,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+        **kw,
+    ).images
+    vae = pipes[True].vae
+    with torch.no_grad():
+        ref = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+    ref = pipes[True].image_processor.postprocess(ref, output_type="np")
+    eps = torch.randn((2, 4, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
+    args = dict(prompt=PROMPT, steps=5, guidance_scale=4.0, image=image, strength=strength)
+    args["latents"] = eps.permute(0, 2, 3, 1).numpy()
+    pipe, got = ours(root, True, mask_image=mask, **args)
+    assert np.abs(got - ref).max() <= 5e-3, np.abs(got - ref).max()
+    plain = pipe.generate(height=SIZE, width=SIZE, output="float", progress=False, **args)
+    assert np.abs(plain - ref).max() > 0.02  # the mask matters
+
+
+def test_latent_mask_is_diffusers_mask_processing():
+    """Binarized at 0.5 and nearest-resized to the latents as diffusers' mask processor and
+    `F.interpolate` do, for a VAE of factor 8."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from sd3_jax.pipeline import latent_mask
+
+    m = np.random.default_rng(2).integers(0, 256, (48, 32), dtype=np.uint8)
+    proc = VaeImageProcessor(
+        vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
+    want = proc.preprocess(Image.fromarray(m), height=48, width=32)
+    want = torch.nn.functional.interpolate(want, size=(6, 4)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(latent_mask(Image.fromarray(m), 3, (48, 32), 8), np.repeat(want, 3, axis=0))
+    np.testing.assert_array_equal(latent_mask(m / 255.0, 1, (48, 32), 8), want)
+    with pytest.raises(ValueError, match="must be 48x32"):
+        latent_mask(m[:40], 1, (48, 32), 8)
+    with pytest.raises(ValueError, match="cannot repeat 2 masks for 3"):
+        latent_mask(np.stack([m, m]), 3, (48, 32), 8)
+
+
 def test_generate_uint8_batches_and_dpmpp(tiny):
     root, _ = tiny
     pipe, img = ours(root, True, prompt="a photo of a cat", steps=3, num_images_per_prompt=3, seed=1)
@@ -388,6 +457,52 @@ def test_sample_cli_writes_png_with_metadata(tiny, tmp_path):
     assert img.size == (8, 8)
     assert img.text["prompt"] == "a photo of a cat" and img.text["seed"] == "3" and img.text["steps"] == "2"
     assert img.text["sampler"] == "euler" and img.text["cfg"] == "7.0" and img.text["model"] == "ckpt_t51"
+
+
+def test_sample_cli_inpaints(tiny, tmp_path, capsys):
+    """`sd3-jax sample --image --mask --strength` writes what `generate(image=, mask_image=)` gives; a mask
+    without an image, a mask of another size and an unreadable image are one line, exit 2, nothing written."""
+    from PIL import Image
+
+    root, _ = tiny
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2 :] = 255
+    Image.fromarray(image).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(mask[:4]).save(tmp_path / "small.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    args = [
+        "sample",
+        "--checkpoint",
+        str(root / "ckpt_t51"),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+    ]
+    args += ["--no-progress", "--image", str(tmp_path / "in.png"), "--strength", "0.8"]
+    assert main(args + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out.png")]) == 0
+    pipe = SD3Pipeline.load(str(root / "ckpt_t51"))
+    want = pipe.generate(
+        "a cat", steps=3, seed=1, image=image[None], mask_image=mask, strength=0.8, progress=False
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), want[0])
+    capsys.readouterr()
+    bad = {
+        "no image": [a for a in args if a not in ("--image", str(tmp_path / "in.png"))]
+        + ["--mask", str(tmp_path / "mask.png")],
+        "mask size": args + ["--mask", str(tmp_path / "small.png")],
+        "unreadable": [a.replace("in.png", "bad.png") for a in args],
+    }
+    for name, argv in bad.items():
+        assert main(argv + ["--out", str(tmp_path / "x.png")]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("sd3-jax: error:"), (name, err)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_prepare_then_finetune_from_converted_checkpoint(tiny, tmp_path):

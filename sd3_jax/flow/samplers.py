@@ -11,12 +11,14 @@ Two kinds of function appear here:
 `with_cond(model_fn, **cond)` turns the first into the second; `cfg` and `skip_layer_cfg` wrap a model_fn
 and return a velocity_fn. A plain analytic field `f(x, sigma)` becomes one by `lambda x, s, i: f(x, s)`.
 
-Every sampler has the signature `sample_x(velocity_fn, x, sigmas, *, progress=None)`: `sigmas` is a (n + 1,)
+Every sampler has the signature `sample_x(velocity_fn, x, sigmas, *, progress=None, after_step=None)`:
+`sigmas` is a (n + 1,)
 array running from the start level down to (usually) 0, `x` is the state at sigmas[0], the velocity function
 is called once per step with sigma = sigmas[i] broadcast to (B,). The loop is a `jax.lax.fori_loop`, so a
 jitted sampler compiles once per shape whatever the sigma values. `progress`, if given, is called with the
 step index (a Python int) through `jax.debug.callback` after each step's model call (unordered: with a
-progress bar, set its position from the index rather than counting calls).
+progress bar, set its position from the index rather than counting calls). `after_step(x, i)`, if given,
+maps the state at sigmas[i + 1] after each step (inpainting puts the known region back there).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 Array = jax.Array
 VelocityFn = Callable[[Array, Array, Array], Array]
 ModelFn = Callable[..., Array]
+AfterStep = Callable[[Array, Array], Array]
 
 
 def with_cond(model_fn: ModelFn, **cond: Any) -> VelocityFn:
@@ -43,12 +46,22 @@ def _report(progress: Callable[[int], Any] | None, step: Array) -> None:
         jax.debug.callback(lambda i: progress(int(i)), step)
 
 
+def _after(after_step: AfterStep | None, x_next: Array, i: Array, x: Array) -> Array:
+    """The next state in x's dtype, through `after_step` (which sees it in float32) where given."""
+    return (x_next if after_step is None else after_step(x_next, i)).astype(x.dtype)
+
+
 def _sigma_in(sigma: Array, x: Array) -> Array:
     return jnp.broadcast_to(sigma.astype(x.dtype), (x.shape[0],))
 
 
 def sample_euler(
-    velocity_fn: VelocityFn, x: Array, sigmas: Array, *, progress: Callable[[int], Any] | None = None
+    velocity_fn: VelocityFn,
+    x: Array,
+    sigmas: Array,
+    *,
+    progress: Callable[[int], Any] | None = None,
+    after_step: AfterStep | None = None,
 ) -> Array:
     """Euler steps of the flow ODE dx/dsigma = v(x, sigma): x <- x + (sigma_{i+1} - sigma_i) v.
 
@@ -61,13 +74,20 @@ def sample_euler(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = velocity_fn(x, _sigma_in(sigma, x), i)
         _report(progress, i)
-        return (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x.dtype)
+        return _after(
+            after_step, (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)), i, x
+        )
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, x)
 
 
 def sample_dpmpp_2m(
-    velocity_fn: VelocityFn, x: Array, sigmas: Array, *, progress: Callable[[int], Any] | None = None
+    velocity_fn: VelocityFn,
+    x: Array,
+    sigmas: Array,
+    *,
+    progress: Callable[[int], Any] | None = None,
+    after_step: AfterStep | None = None,
 ) -> Array:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), as Stability's sd3_impls `sample_dpmpp_2m`.
 
@@ -99,7 +119,7 @@ def sample_dpmpp_2m(
         r = jnp.where(first_order, 1.0, h_last / jnp.where(first_order, 1.0, h))
         second = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         denoised_d = jnp.where(first_order, denoised, second)
-        return (coef_x * x32 + coef_d * denoised_d).astype(x.dtype), denoised
+        return _after(after_step, coef_x * x32 + coef_d * denoised_d, i, x), denoised
 
     init = (x, jnp.zeros(x.shape, jnp.float32))
     x, _ = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, init)
@@ -107,6 +127,22 @@ def sample_dpmpp_2m(
 
 
 SAMPLERS: dict[str, Callable[..., Array]] = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def inpaint_blend(x0: Array, noise: Array, mask: Array, sigmas: Array) -> AfterStep:
+    """The `after_step` of inpainting (diffusers' StableDiffusion3InpaintPipeline with a 16-channel MMDiT):
+    after the step to sigmas[i + 1], the latents outside the mask are the clean latents `x0` noised to that
+    level with the run's own initial noise, x <- (1 - mask) scale_noise(x0, noise, sigma) + mask x; at the
+    last step (sigma = 0) that is x0 itself. `mask` is 1 where the image is repainted, broadcast over x."""
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    x0, noise, mask = (jnp.asarray(a, jnp.float32) for a in (x0, noise, mask))
+
+    def after_step(x: Array, i: Array) -> Array:
+        sigma = sigmas[i + 1]
+        known = sigma * noise + (1.0 - sigma) * x0
+        return (1 - mask) * known + mask * x
+
+    return after_step
 
 
 # ---------------------------------------------------------------------------------------------
