@@ -28,7 +28,7 @@ def _convert(a: argparse.Namespace) -> None:
 def _export(a: argparse.Namespace) -> None:
     from sd3_jax.convert.pipeline_io import export
 
-    written = export(a.checkpoint, a.format, a.out)
+    written = export(a.checkpoint, a.format, a.out, step=a.step)
     print(f"wrote {a.out} ({a.format}: {', '.join(written)})")
 
 
@@ -52,7 +52,7 @@ def _sample(a: argparse.Namespace) -> None:
     if not a.out.lower().endswith(".png"):
         raise ValueError(f"--out must be a .png file, got {a.out}")
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, None: None}[a.dtype]
-    pipe = SD3Pipeline.load(a.checkpoint, dtype=dtype, use_t5=not a.no_t5)
+    pipe = SD3Pipeline.load(a.checkpoint, dtype=dtype, use_t5=not a.no_t5, step=a.step)
     adapters = []
     for spec in a.lora or []:
         from sd3_jax.convert.lora import import_lora
@@ -124,9 +124,12 @@ def _prepare(a: argparse.Namespace) -> None:
         batch_size=a.batch_size,
         num_shards=a.num_shards,
         max_sequence_length=a.max_sequence_length,
+        val_fraction=a.val_fraction,
     )
+    val = f" (+ {stats['val_written']} in {a.out}-val)" if "val_written" in stats else ""
     print(
-        f"wrote {a.out}: {stats['written']} examples, {stats['skipped']} skipped {stats.get('reasons', {})}"
+        f"wrote {a.out}: {stats['written']} examples{val}, {stats['skipped']} skipped "
+        f"{stats.get('reasons', {})}"
     )
 
 
@@ -173,10 +176,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("checkpoint")
     e.add_argument("--format", required=True, choices=["diffusers", "sai"])
     e.add_argument("--out", required=True, help="diffusers: a folder; sai: a .safetensors file")
+    e.add_argument("--step", type=int, default=None, help="a training workdir's step (default: the latest)")
     e.set_defaults(fn=_export)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", required=True, help="an sd3-jax checkpoint or a `train` workdir")
+    s.add_argument("--step", type=int, default=None, help="a training workdir's step (default: the latest)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative-prompt", default="")
     s.add_argument("--steps", type=int, default=None, help="default: the checkpoint's (SD3: 28)")
@@ -233,4 +238,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="held out to PREFIX-val, on which train reports val_loss (0: none; then train eval_every=0)",
+    )
     p.set_defaults(fn=_prepare)

@@ -162,18 +162,27 @@ class SD3Pipeline:
         mesh: jax.sharding.Mesh | None = None,
         use_t5: bool = True,
         attention: str = "auto",
+        step: int | None = None,
     ) -> SD3Pipeline:
         """Restores a converted checkpoint straight into device arrays (sharded by the rules on `mesh`).
 
         Args:
-          ckpt_dir: an sd3-jax checkpoint (`sd3-jax convert`).
+          ckpt_dir: an sd3-jax checkpoint (`sd3-jax convert`), or an `sd3-jax train` workdir of a run with
+            `init_from`: its EMA transformer with that checkpoint's VAE, text encoders and defaults.
+          step: a workdir's checkpoint step (None: the latest).
           dtype: params and compute dtype (None: as stored).
           mesh: shard the MMDiT over this mesh by its logical axis names (the VAE and text encoders are
             replicated over it); None: one device.
           use_t5: load T5 (False saves its memory; its tokens are then zeros, as in diffusers).
           attention: the MMDiT attention backend.
         """
-        manifest = read_manifest(ckpt_dir)
+        from sd3_jax.convert.workdir import is_run, open_run
+
+        run = open_run(ckpt_dir, step) if is_run(ckpt_dir) else None
+        if run is None and step is not None:
+            raise ValueError(f"{ckpt_dir}: step {step} asked of a checkpoint that is not a training workdir")
+        base = run.base if run else ckpt_dir  # every component but a run's transformer, and the tokenizers
+        manifest = run.manifest if run else read_manifest(ckpt_dir)
         have = manifest["components"]
         needed = ["transformer", "vae", "text_encoder", "text_encoder_2"]
         missing = [c for c in needed if c not in have]
@@ -192,13 +201,16 @@ class SD3Pipeline:
             t_sh = tree_shardings(
                 abstract_params(read_config("mmdit", have["transformer"]["config"]), boxed=True), mesh
             )
-        t_cfg, t_params = load_component(ckpt_dir, "transformer", dtype, t_sh)
+        if run is not None:
+            t_cfg, t_params = run.transformer(dtype, t_sh)
+        else:
+            t_cfg, t_params = load_component(ckpt_dir, "transformer", dtype, t_sh)
         t_cfg = t_cfg.replace(dtype=dtype, attention=attention)
         if have["vae"]["kind"] == "identity":
             v_cfg, v_params = config_from_json(IdentityAEConfig, have["vae"]["config"]), None
         else:
-            v_cfg, v_params = load_component(ckpt_dir, "vae", dtype)
-        text = _load_text(ckpt_dir, have, dtype, use_t5, t_cfg.context_dim)
+            v_cfg, v_params = load_component(base, "vae", dtype)
+        text = _load_text(base, have, dtype, use_t5, t_cfg.context_dim)
         if mesh is not None:
             # The small models are replicated over the mesh, so every jitted call sees one device set.
             rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -8,6 +8,7 @@ and counted.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable
 from typing import Any
@@ -74,21 +75,65 @@ def prepare_dataset(
     batch_size: int = 8,
     num_shards: int = 1,
     max_sequence_length: int = 256,
+    val_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """Encodes `data` (image folder, .jsonl, or "shapes:N") with the VAE and text encoders of `ckpt`."""
+    """Encodes `data` (image folder, .jsonl, or "shapes:N") with the VAE and text encoders of `ckpt`.
+
+    With `val_fraction` > 0, every round(1 / val_fraction)-th example (the last of each such run, at least
+    one) goes to the validation split `out`-val, which `train` evaluates on; the rest to `out`.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    for path in (out + ".json", out + "-val.json"):
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} already exists; choose another --out")
     encode_images, encode_captions = checkpoint_encoders(ckpt, max_sequence_length)
-    if os.path.exists(out + ".json"):
-        raise FileExistsError(f"{out}.json already exists; choose another --out")
 
     def encode_fn(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
         return {"latents": encode_images(images), **encode_captions(captions)}
 
-    return prepare(
-        _source(data),
-        encode_fn,
-        out,
-        batch_size,
-        num_shards,
-        transforms=[BucketResizeCrop([(size, size)], random_crop=False)],
-        metadata={"checkpoint": os.path.abspath(ckpt), "size": size},
+    def write(source, prefix):
+        return prepare(
+            source,
+            encode_fn,
+            prefix,
+            batch_size,
+            num_shards,
+            transforms=[BucketResizeCrop([(size, size)], random_crop=False)],
+            metadata={"checkpoint": os.path.abspath(ckpt), "size": size},
+        )
+
+    source = _source(data)
+    if val_fraction == 0.0:
+        return write(source, out)
+    every = max(2, round(1 / val_fraction))
+    n = len(source)
+    val = [i for i in range(n) if i % every == every - 1] or [n - 1]
+    held = set(val)
+    if len(held) >= n:
+        raise ValueError(f"{data}: {n} example(s) leave none to train on after the validation split")
+    val_stats = write(_Subset(source, val), out + "-val")  # first: the train index, last, marks completion
+    stats = write(
+        _Subset(source, [i for i in range(n) if i not in held], getattr(source, "skipped", ())), out
     )
+    reasons = collections.Counter(stats.get("reasons", {}))
+    reasons.update(val_stats.get("reasons", {}))
+    return {
+        **stats,
+        "skipped": stats["skipped"] + val_stats["skipped"],
+        "reasons": dict(reasons),
+        "val_written": val_stats["written"],
+    }
+
+
+class _Subset:
+    """Some records of a source, in order; `skipped` carries the source's index-time skips to one split."""
+
+    def __init__(self, source: Any, indices: list[int], skipped: Any = ()):
+        self.source, self.indices, self.skipped = source, indices, list(skipped)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[self.indices[i]]

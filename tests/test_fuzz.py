@@ -645,7 +645,7 @@ def test_prepare_counts_bad_images_and_writes_the_rest(tiny, tmp_path, capsys):
     (d / "latin1.png").write_bytes(_image_bytes("rgb", 8, 8, 0))
     (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     args = ["prepare", str(d), "--checkpoint", str(tiny / "ckpt"), "--out", str(tmp_path / "rec")]
-    assert main(args + ["--size", "8", "--batch-size", "4"]) == 0
+    assert main(args + ["--size", "8", "--batch-size", "4", "--val-fraction", "0"]) == 0
     out = capsys.readouterr().out
     good = len(IMAGE_KINDS) - len(BAD_IMAGES) + 1
     assert f"{good} examples, {len(BAD_IMAGES) + 1} skipped" in out, out

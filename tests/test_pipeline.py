@@ -505,9 +505,12 @@ def test_sample_cli_inpaints(tiny, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_prepare_then_finetune_from_converted_checkpoint(tiny, tmp_path):
-    """`sd3-jax prepare` encodes a folder with the checkpoint's VAE and text encoders (skipping bad records);
-    `sd3-jax train` fine-tunes the converted transformer on the records."""
+def test_prepare_finetune_sample_export(tiny, tmp_path, capsys):
+    """A new user's path through the CLI: `prepare` encodes a folder with the checkpoint's VAE and text
+    encoders (skipping bad records, holding out a validation split); `train` fine-tunes the converted
+    transformer on it (reporting val_loss); `sample --checkpoint WORKDIR` samples its EMA params with the
+    checkpoint's VAE and encoders; `export WORKDIR` writes a diffusers folder that diffusers samples the
+    same images from."""
     from PIL import Image
 
     from sd3_jax.data.records import PreparedSource
@@ -539,12 +542,15 @@ def test_prepare_then_finetune_from_converted_checkpoint(tiny, tmp_path):
                 "8",
                 "--batch-size",
                 "2",
+                "--val-fraction",
+                "0.25",
             ]
         )
         == 0
     )
-    src = PreparedSource(prefix)
-    assert len(src) == 5
+    assert "wrote" in capsys.readouterr().out
+    src, val = PreparedSource(prefix), PreparedSource(f"{prefix}-val")
+    assert (len(src), len(val)) == (4, 1)  # of 0-5 (6 has no caption): 3 held out, 5 corrupt
     ex = src[0]
     assert ex["latents"].shape == (8, 8, 4) and ex["clip_l"].shape == (77, 16) and ex["t5"].shape == (256, 64)
     pipe = SD3Pipeline.load(str(ckpt))
@@ -562,13 +568,47 @@ def test_prepare_then_finetune_from_converted_checkpoint(tiny, tmp_path):
     cfg.write_text(
         "from sd3_jax.train.config import TrainConfig, DataConfig, OptimConfig\n"
         f"def get_config():\n    return TrainConfig(data=DataConfig(kind='prepared', path={str(prefix)!r}),\n"
-        "        optim=OptimConfig(lr=1e-4), batch_size=2, steps=3, checkpoint_every=3, eval_every=0,\n"
-        f"        compute_dtype='float32', init_from={str(ckpt)!r})\n"
+        "        optim=OptimConfig(lr=1e-2, warmup_steps=0), batch_size=2, steps=3, checkpoint_every=3,\n"
+        f"        eval_every=3, compute_dtype='float32', ema_decay=0.5, init_from={str(ckpt)!r})\n"
     )
     assert main(["train", "--config", str(cfg), "--workdir", str(wd), "--no-progress"]) == 0
     losses = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert _json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert [m["step"] for m in read_metrics(str(wd)) if "val_loss" in m] == [3]
+    # The workdir is a checkpoint: its EMA params (as Orbax restores the whole state) with the base's rest.
+    import jax
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(wd / "checkpoints" / "3" / "state"))
+    ema = jax.tree.leaves(state["ema_params"])
+    tuned = SD3Pipeline.load(str(wd))
+    for a, b in zip(ema, jax.tree.leaves(tuned.transformer_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(ema, jax.tree.leaves(pipe.transformer_params))
+    ]
+    assert max(moved) > 1e-4  # fine-tuned, not the base
+    for a, b in zip(jax.tree.leaves(tuned.vae_params), jax.tree.leaves(pipe.vae_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out = tmp_path / "tuned.png"
+    cli = ["sample", "--checkpoint", str(wd), "--prompt", PROMPT[0], "--steps", "2", "--size", "8x8"]
+    assert main(cli + ["--seed", "4", "--out", str(out), "--no-progress"]) == 0
+    want = tuned.generate(PROMPT[0], steps=2, height=8, width=8, seed=4, progress=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), want[0])
+    assert main(["export", str(wd), "--format", "diffusers", "--out", str(tmp_path / "exported")]) == 0
+    from diffusers import StableDiffusion3Pipeline
+
+    dif = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "exported"))
+    lat = noise(2, seed=6)
+    kw = dict(height=SIZE, width=SIZE)
+    ref = dif(PROMPT, num_inference_steps=3, guidance_scale=3.0, latents=lat.clone(), output_type="np", **kw)
+    latents = lat.permute(0, 2, 3, 1).numpy()
+    got = tuned.generate(
+        PROMPT, steps=3, guidance_scale=3.0, latents=latents, output="float", progress=False, **kw
+    )
+    assert np.abs(got - ref.images).max() <= 1e-3
 
 
 def jnp_f32(x):

@@ -271,20 +271,34 @@ def _stream(params, rules, abstract, prefix: str):
     return header, items
 
 
-def export(ckpt: str, fmt: str, out: str) -> list[str]:
-    """Writes an sd3-jax checkpoint to a diffusers folder (fmt "diffusers") or one Stability file ("sai")."""
+def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
+    """Writes an sd3-jax checkpoint to a diffusers folder (fmt "diffusers") or one Stability file ("sai").
+
+    `ckpt` may be an `sd3-jax train` workdir: its EMA transformer at `step` (None: the latest) is written
+    with the rest of its `init_from` checkpoint."""
     import jax
+
+    from sd3_jax.convert.workdir import is_run, open_run
 
     if fmt not in ("diffusers", "sai"):
         raise ValueError(f"--format must be diffusers or sai, got {fmt!r}")
-    manifest = read_manifest(ckpt)
+    run = open_run(ckpt, step) if is_run(ckpt) else None
+    if run is None and step is not None:
+        raise ValueError(f"{ckpt}: --step asked of a checkpoint that is not a training workdir")
+    manifest = run.manifest if run else read_manifest(ckpt)
+
+    def restored(component):  # a run's transformer is its EMA params, the rest its base's
+        if run is not None and component == "transformer":
+            return run.transformer()
+        return load_component(run.base if run else ckpt, component)
+
     written = []
     if fmt == "sai":
         if os.path.exists(out):
             raise FileExistsError(f"{out} already exists")
         header, gens, meta = {}, [], {"format": "pt"}
         for component, entry in manifest["components"].items():
-            cfg, params = load_component(ckpt, component)
+            cfg, params = restored(component)
             params = jax.device_get(params)
             rules, prefix = _rules_for_export(component, cfg, "sai")
             h, items = _stream(params, rules, comp.ABSTRACT[entry["kind"]](cfg), prefix)
@@ -303,7 +317,7 @@ def export(ckpt: str, fmt: str, out: str) -> list[str]:
         }
         for component, entry in manifest["components"].items():
             kind = entry["kind"]
-            cfg, params = load_component(ckpt, component)
+            cfg, params = restored(component)
             params = jax.device_get(params)
             rules, prefix = _rules_for_export(component, cfg, "diffusers")
             header, items = _stream(params, rules, comp.ABSTRACT[kind](cfg), prefix)
@@ -322,10 +336,11 @@ def export(ckpt: str, fmt: str, out: str) -> list[str]:
                 json.dump(config, f, indent=1)
             index[component] = list(classes[kind])
             written.append(component)
+        base = run.base if run else ckpt
         for t in TOKENIZERS:
-            if os.path.isdir(os.path.join(ckpt, t)):
-                shutil.copytree(os.path.join(ckpt, t), os.path.join(tmp, t))
-                fast = os.path.exists(os.path.join(ckpt, t, "tokenizer.json")) and t == "tokenizer_3"
+            if os.path.isdir(os.path.join(base, t)):
+                shutil.copytree(os.path.join(base, t), os.path.join(tmp, t))
+                fast = os.path.exists(os.path.join(base, t, "tokenizer.json")) and t == "tokenizer_3"
                 index[t] = [
                     "transformers",
                     "T5TokenizerFast" if fast or t == "tokenizer_3" else "CLIPTokenizer",

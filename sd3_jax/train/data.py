@@ -152,11 +152,13 @@ def _jsonable(x):
 
 
 def fixed_batches(source: Any, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The whole (small) validation set as this process's slices of fixed batches."""
+    """The whole (small) validation set as this process's slices of fixed batches (full batches only; a
+    set smaller than one batch is repeated to fill one, so that a small held-out split is still used)."""
     n_proc, p = jax.process_count(), jax.process_index()
     local = batch_size // n_proc
     out = []
-    for start in range(0, len(source) - batch_size + 1, batch_size):
-        idx = list(range(start, start + batch_size))[p * local : (p + 1) * local]
+    starts = range(0, len(source) - batch_size + 1, batch_size) if len(source) >= batch_size else [0]
+    for start in starts if len(source) else []:
+        idx = [i % len(source) for i in range(start, start + batch_size)][p * local : (p + 1) * local]
         out.append(_stack([source[i] for i in idx]))
     return out

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -183,6 +184,10 @@ def _train(
 
     if cfg.init_from:
         cfg = _with_checkpoint_model(cfg)
+    if jax.process_index() == 0:
+        from sd3_jax.convert.workdir import write_run_info
+
+        write_run_info(workdir, cfg.model, cfg.init_from, cfg.adapter)
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.steps)
     lora = cfg.adapter == "lora"
@@ -195,7 +200,19 @@ def _train(
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
     init_key, step_rng = jax.random.split(jax.random.key(cfg.seed))
     it = train_data.make_iterator(train_data.make_source(cfg), cfg.batch_size, cfg.seed, cfg.data.shuffle)
-    val_source = train_data.make_source(cfg, "val") if cfg.eval_every else None
+    val_source = None
+    if cfg.eval_every:
+        try:
+            val_source = train_data.make_source(cfg, "val")
+        except FileNotFoundError:
+            if cfg.data.kind != "prepared":
+                raise
+            if jax.process_index() == 0:  # one line, then on without it
+                print(
+                    f"sd3-jax: no validation split {cfg.data.path}-val.json "
+                    "(`sd3-jax prepare --val-fraction` writes one): training without val_loss",
+                    file=sys.stderr,
+                )
     val = train_data.fixed_batches(val_source, cfg.batch_size) if val_source is not None else []
 
     start = mngr.latest_step()

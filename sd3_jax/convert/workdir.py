@@ -1,0 +1,122 @@
+"""A training workdir read as a checkpoint: its EMA transformer with the `init_from` checkpoint's VAE, text
+encoders, tokenizers, scheduler and sampling defaults.
+
+`sd3-jax train` writes WORKDIR/run.json when it starts (the transformer's config and the checkpoint it was
+initialised from); `SD3Pipeline.load(WORKDIR, step=N)`, `sd3-jax sample --checkpoint WORKDIR [--step N]` and
+`sd3-jax export WORKDIR` read a run through `open_run`. Only the `ema_params` subtree of the step's train
+state is restored, straight into device arrays, not the params and optimizer moments beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from sd3_jax.convert.orbax_io import CheckpointFormatError, config_to_json, read_manifest
+
+RUN = "run.json"
+
+
+def write_run_info(workdir: str, model: Any, init_from: str | None, adapter: str) -> None:
+    """Records what a checkpoint of this run needs to be sampled (process 0 writes it, atomically)."""
+    info = {
+        "model": config_to_json(model),
+        "init_from": os.path.abspath(init_from) if init_from else None,
+        "adapter": adapter,
+    }
+    tmp = os.path.join(workdir, RUN + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, RUN))
+
+
+def is_run(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN)) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    workdir: str
+    step: int
+    base: str  # the init_from checkpoint: every component but the transformer, and the tokenizers
+    manifest: dict  # the base's, with the run's transformer config
+
+    @property
+    def transformer_config(self) -> Any:
+        from sd3_jax.convert.components import read_config
+
+        return read_config("mmdit", self.manifest["components"]["transformer"]["config"])
+
+    def transformer(self, dtype: Any = None, shardings: Any = None) -> tuple[Any, Any]:
+        """(config, EMA params of the step) as device arrays, sharded like `shardings` where given."""
+        import jax
+        import orbax.checkpoint as ocp
+
+        from sd3_jax.convert.mmdit import abstract_params
+
+        cfg = self.transformer_config
+        abstract = abstract_params(cfg)
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings
+        )
+        restore = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+        mngr = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"))
+        try:
+            got = mngr.restore(
+                self.step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item={"ema_params": target},
+                        restore_args={"ema_params": restore},
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except (ValueError, KeyError, OSError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointFormatError(
+                f"{self.workdir}: cannot read the EMA params of step {self.step} "
+                f"({type(e).__name__}: {first})"
+            ) from None
+        return cfg, got.state["ema_params"]
+
+
+def open_run(workdir: str, step: int | None = None) -> Run:
+    """The run in `workdir` at `step` (None: its latest complete checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, RUN)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        model, init_from, adapter = info["model"], info["init_from"], info["adapter"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointFormatError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
+    if adapter:
+        raise ValueError(
+            f"{workdir}: a {adapter} run: sample its base with the adapter it exported, "
+            f"`sd3-jax sample --checkpoint {init_from} --lora {os.path.join(workdir, 'lora')}`"
+        )
+    if not init_from:
+        raise ValueError(
+            f"{workdir}: trained from scratch (no init_from), so it has no VAE or text encoders to sample "
+            "with; train with --set init_from=CHECKPOINT"
+        )
+    steps = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")).all_steps()
+    if not steps:
+        raise CheckpointFormatError(f"{workdir}: no complete checkpoint yet")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ValueError(
+            f"{workdir}: no checkpoint at step {step} (have {', '.join(map(str, sorted(steps)))})"
+        )
+    manifest = read_manifest(init_from)
+    components = dict(manifest["components"])
+    components["transformer"] = {**components.get("transformer", {}), "kind": "mmdit", "config": model}
+    return Run(os.path.abspath(workdir), step, init_from, {**manifest, "components": components})
