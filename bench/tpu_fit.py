@@ -171,8 +171,8 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     return {
         "max_per_chip": n,
         "checked": checked,
-        "gib_per_image": round(slope * tok / plan.GIB, 3),
-        "predicted_next_gib": round((fixed + slope * (n + 1) * tok) / plan.GIB, 2),
+        "gib_per_image": round(float(slope * tok) / plan.GIB, 3),
+        "predicted_next_gib": round(float(fixed + slope * (n + 1) * tok) / plan.GIB, 2),
     }
 
 

@@ -49,7 +49,8 @@ def data(root: str, examples: int, seed: int = 0):
 
 def run(cfg: TrainConfig, workdir: str) -> tuple[Any, list[dict]]:
     """Trains (or resumes) and returns (EMA params, metrics)."""
-    from sd3_jax.train.loop import read_metrics, train
+    from sd3_jax.train.loop import train
+    from sd3_jax.train.report import read_metrics
 
     state = train(cfg, workdir, progress=False)
     return jax.device_get(state.ema_params), read_metrics(workdir)

@@ -36,7 +36,8 @@ from sd3_jax.data import shapes
 from sd3_jax.lora import LoraConfig
 from sd3_jax.pipeline import SD3Pipeline
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig
-from sd3_jax.train.loop import read_metrics, train
+from sd3_jax.train.loop import train
+from sd3_jax.train.report import read_metrics
 
 EVAL_SEED = 4321
 EVAL_PROMPTS = 128  # per split

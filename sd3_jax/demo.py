@@ -83,7 +83,31 @@ def train_config(steps: int, data_prefix: str) -> TrainConfig:
         keep_checkpoints=2,
         log_every=50,
         eval_every=max(steps // 5, 1),
+        sample_every=max(steps // 5, 1),  # grids in TensorBoard and demo_out/work/train/samples/
+        sample_prompts=tuple(shapes.prompts("held_out", 4, seed=7)),
+        sample_images=4,
+        sample_steps=SAMPLING["steps"],
     )
+
+
+def sampler(text: TextEncoders, cfg: TrainConfig) -> Callable[[object], np.ndarray]:
+    """The trainer's `sample_fn`: the demo's text encoders and identity autoencoder around given MMDiT
+    params, sampling the config's prompts as `evaluate` does."""
+    from sd3_jax.nn.vae import IdentityAEConfig
+    from sd3_jax.pipeline import SD3Pipeline
+
+    def sample(params):
+        with jax.set_mesh(None):  # outside the trainer's mesh context, as the pipeline places its arrays
+            scheduler = {"shift": SHIFT, "num_train_timesteps": 1000}
+            pipe = SD3Pipeline(
+                (cfg.model, params), (IdentityAEConfig(), None), text, scheduler, "demo", SAMPLING
+            )
+            caps = list(cfg.sample_prompts)
+            return pipe.generate(
+                caps, num_images_per_prompt=cfg.sample_images, seed=cfg.sample_seed, progress=False
+            )
+
+    return sample
 
 
 def text_encoders(tok_dir: str, seed: int = 0) -> TextEncoders:
@@ -260,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     t0 = time.time()
-    from sd3_jax.train.loop import read_metrics, train
+    from sd3_jax.train.loop import train
+    from sd3_jax.train.report import read_metrics
 
     if os.path.exists(os.path.join(a.out, "checkpoint")):
         shutil.rmtree(a.out)
@@ -274,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(text, prefix + "-val", 256, a.seed + 10**6)
     print(f"[demo] data ready: {a.examples} examples ({time.time() - t0:.0f} s)", flush=True)
     cfg = train_config(a.steps, prefix)
-    state = train(cfg, os.path.join(work, "train"))
+    state = train(cfg, os.path.join(work, "train"), sample_fn=sampler(text, cfg))
     metrics = read_metrics(os.path.join(work, "train"))
     print(f"[demo] trained {a.steps} steps ({time.time() - t0:.0f} s)", flush=True)
     ckpt = os.path.join(a.out, "checkpoint")

@@ -6,7 +6,8 @@ import sys
 import jax
 
 from sd3_jax.train.config import apply_overrides, load_config
-from sd3_jax.train.loop import read_metrics, train
+from sd3_jax.train.loop import train
+from sd3_jax.train.report import read_metrics
 
 out, workroot, *meshes = sys.argv[1:]
 results = {}

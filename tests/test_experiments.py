@@ -34,6 +34,14 @@ def test_demo_smoke_and_sample_cli(tmp_path, capfd):
     assert last.startswith("adherence seen=") and " held_out=" in last
     for f in ("samples.png", "loss.png", "metrics.jsonl", "adherence.json", "checkpoint/sd3_jax.json"):
         assert (out / f).exists(), f
+    grid = Image.open(out / "work" / "train" / "samples" / "step_000002.png")  # 4 prompts x 4 images
+    assert grid.size == (4 * demo.SIZE, 4 * demo.SIZE)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "work" / "train" / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Images("samples")] == [1, 2]
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2]
     res = json.loads((out / "adherence.json").read_text())
     assert 0 <= res["seen"] <= 1 and 0 <= res["held_out"] <= 1
     png = tmp_path / "red.png"

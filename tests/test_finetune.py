@@ -18,7 +18,8 @@ from sd3_jax.convert.lora import import_lora
 from sd3_jax.data import shapes
 from sd3_jax.lora import LoraConfig, apply_lora
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, check_finetune
-from sd3_jax.train.loop import read_metrics, train
+from sd3_jax.train.loop import train
+from sd3_jax.train.report import read_metrics
 from sd3_jax.train.state import init_params
 
 MODEL = demo.model_config().replace(depth=1, num_heads=1, head_dim=32)

@@ -515,7 +515,7 @@ def test_prepare_finetune_sample_export(tiny, tmp_path, capsys):
 
     from sd3_jax.data.records import PreparedSource
     from sd3_jax.pipeline import encode
-    from sd3_jax.train.loop import read_metrics
+    from sd3_jax.train.report import read_metrics
 
     root, _ = tiny
     ckpt = root / "ckpt_t51"
@@ -569,7 +569,9 @@ def test_prepare_finetune_sample_export(tiny, tmp_path, capsys):
         "from sd3_jax.train.config import TrainConfig, DataConfig, OptimConfig\n"
         f"def get_config():\n    return TrainConfig(data=DataConfig(kind='prepared', path={str(prefix)!r}),\n"
         "        optim=OptimConfig(lr=1e-2, warmup_steps=0), batch_size=2, steps=3, checkpoint_every=3,\n"
-        f"        eval_every=3, compute_dtype='float32', ema_decay=0.5, init_from={str(ckpt)!r})\n"
+        f"        eval_every=3, compute_dtype='float32', ema_decay=0.5, init_from={str(ckpt)!r},\n"
+        f"        log_every=1, sample_every=3, sample_prompts=({PROMPT[0]!r},), sample_images=2,\n"
+        "        sample_steps=2, sample_size=8)\n"
     )
     assert main(["train", "--config", str(cfg), "--workdir", str(wd), "--no-progress"]) == 0
     losses = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
@@ -592,6 +594,30 @@ def test_prepare_finetune_sample_export(tiny, tmp_path, capsys):
     assert max(moved) > 1e-4  # fine-tuned, not the base
     for a, b in zip(jax.tree.leaves(tuned.vae_params), jax.tree.leaves(pipe.vae_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # What it reported: the same scalars in TensorBoard (read back by TensorBoard's own reader) and the
+    # EMA samples as a PNG grid and a TensorBoard image.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(wd / "tensorboard"))
+    tb.Reload()
+    metrics = read_metrics(str(wd))
+    for tag, key, kind in [
+        ("train/loss", "loss", None),
+        ("train/lr", "lr", "log"),
+        ("eval/val_loss", "val_loss", "eval"),
+    ]:
+        want = sorted(
+            {(m["step"], np.float32(m[key])) for m in metrics if key in m and m.get("kind") == kind}
+        )
+        assert [(e.step, np.float32(e.value)) for e in tb.Scalars(tag)] == want, tag
+    assert {"train/grad_norm", "train/steps_per_s", "train/images_per_s"} <= set(tb.Tags()["scalars"])
+    grid = np.asarray(Image.open(wd / "samples" / "step_000003.png"))
+    shots = tuned.generate(
+        [PROMPT[0]], steps=2, seed=0, num_images_per_prompt=2, height=8, width=8, progress=False
+    )
+    np.testing.assert_array_equal(grid, np.concatenate(list(shots), axis=1))  # one row: the prompt's 2 images
+    (image,) = tb.Images("samples")
+    assert (image.step, image.width, image.height) == (3, 16, 8)
     out = tmp_path / "tuned.png"
     cli = ["sample", "--checkpoint", str(wd), "--prompt", PROMPT[0], "--steps", "2", "--size", "8x8"]
     assert main(cli + ["--seed", "4", "--out", str(out), "--no-progress"]) == 0

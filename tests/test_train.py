@@ -17,7 +17,8 @@ import pytest
 from sd3_jax.sharding.mesh import MeshConfig
 from sd3_jax.train.config import TrainConfig, apply_overrides, load_config
 from sd3_jax.train.data import make_source
-from sd3_jax.train.loop import TrainingDiverged, read_metrics, train
+from sd3_jax.train.loop import TrainingDiverged, train
+from sd3_jax.train.report import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")

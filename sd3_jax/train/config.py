@@ -125,6 +125,17 @@ class TrainConfig:
     dpo_beta: float = 2000.0
     dpo_sft_weight: float = 0.0
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: look up by device kind
+    # Reporting: TensorBoard events in WORKDIR/tensorboard/ (the scalars of metrics.jsonl); every
+    # sample_every steps (0: never) a grid of sample_prompts (`--set sample_prompts=a cat|a dog`), each
+    # sample_images times from sample_seed, sampled with the EMA params in sample_steps steps at
+    # sample_size pixels (0: the checkpoint's default size).
+    tensorboard: bool = True
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red square in the top left")
+    sample_images: int = 4
+    sample_steps: int = 28
+    sample_seed: int = 0
+    sample_size: int = 0
 
     def __post_init__(self):
         if self.formulation not in ("rectified_flow", "ldm_linear", "cosine", "edm"):
@@ -156,7 +167,13 @@ class TrainConfig:
             eval_every=(0, None),
             eval_timesteps=(0, 1),
             peak_flops=(0, None),
+            sample_every=(0, None),
+            sample_images=(1, None),
+            sample_steps=(1, None),
+            sample_size=(0, None),
         )
+        if self.sample_every and not self.sample_prompts:
+            raise ValueError("sample_every needs at least one of sample_prompts")
 
 
 def check_finetune(cfg: TrainConfig) -> None:
@@ -209,6 +226,8 @@ def _parse(value: str, current: Any, hint: Any) -> Any:
         items = [v for v in value.strip("()[] ").split(",") if v.strip()]
         args = typing.get_args(hint)
         conv = args[0] if args and args[0] in (int, float, str) else (type(current[0]) if current else str)
+        if conv is str:  # prompts: "|" between them, since they hold commas
+            return tuple(v.strip() for v in value.split("|") if v.strip())
         return tuple(conv(v.strip()) for v in items)
     if value.lower() == "none" and (current is None or type(None) in typing.get_args(hint)):
         return None

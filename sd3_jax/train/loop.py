@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -23,7 +22,8 @@ from sd3_jax.sharding.mesh import activation_rules, make_mesh
 from sd3_jax.train import data as train_data
 from sd3_jax.train.config import TrainConfig, check_finetune
 from sd3_jax.train.guard import HeldThreadOutput, Preempted, Preemption, held_thread_output, workdir_lock
-from sd3_jax.train.state import TrainState, create_state, make_optimizer, state_shardings
+from sd3_jax.train.report import MetricsWriter, SampleFn, checkpoint_sampler
+from sd3_jax.train.state import TrainState, create_state, learning_rate, make_optimizer, state_shardings
 from sd3_jax.train.step import eval_loss, train_step
 
 
@@ -64,30 +64,6 @@ def _batch_sharding(mesh, x: np.ndarray) -> NamedSharding:
 def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's slice of the batch, assembled into global arrays sharded over data and fsdp."""
     return {k: jax.make_array_from_process_local_data(_batch_sharding(mesh, v), v) for k, v in local.items()}
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl (process 0 only)."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.active = jax.process_index() == 0
-        if self.active and os.path.exists(self.path):
-            # Steps after the checkpoint we resume from are run again: drop their old lines.
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _with_checkpoint_model(cfg: TrainConfig) -> TrainConfig:
@@ -159,12 +135,20 @@ def export_adapter(cfg: TrainConfig, lora: Any, workdir: str) -> str | None:
     return export_lora_diffusers(host, cfg.model, os.path.join(workdir, "lora"))
 
 
-def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
+def train(
+    cfg: TrainConfig, workdir: str, progress: bool = True, sample_fn: SampleFn | None = None
+) -> TrainState:
     """Trains for cfg.steps steps in `workdir`, resuming from its latest complete checkpoint.
 
     One run at a time holds the workdir (`guard.workdir_lock`); in a single-process run SIGTERM saves a
-    checkpoint at the step in flight and raises `guard.Preempted`.
+    checkpoint at the step in flight and raises `guard.Preempted`. Every `cfg.sample_every` steps the EMA
+    params sample `cfg.sample_prompts` through `sample_fn` (default: with the init_from checkpoint's VAE
+    and text encoders) into WORKDIR/samples/ and TensorBoard.
     """
+    if cfg.sample_every and sample_fn is None and not cfg.init_from:
+        raise ValueError(
+            "sample_every needs init_from (a checkpoint with the VAE and text encoders to sample with)"
+        )
     check_finetune(cfg)
     os.makedirs(workdir, exist_ok=True)
     with (
@@ -172,11 +156,16 @@ def train(cfg: TrainConfig, workdir: str, progress: bool = True) -> TrainState:
         Preemption(jax.process_count() == 1) as preemption,
         held_thread_output() as held,
     ):
-        return _train(cfg, workdir, progress, preemption, held)
+        return _train(cfg, workdir, progress, preemption, held, sample_fn)
 
 
 def _train(
-    cfg: TrainConfig, workdir: str, progress: bool, preemption: Preemption, held: HeldThreadOutput
+    cfg: TrainConfig,
+    workdir: str,
+    progress: bool,
+    preemption: Preemption,
+    held: HeldThreadOutput,
+    sample_fn: SampleFn | None,
 ) -> TrainState:
     import orbax.checkpoint as ocp
 
@@ -190,6 +179,7 @@ def _train(
         write_run_info(workdir, cfg.model, cfg.init_from, cfg.adapter)
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.steps)
+    lr_at = learning_rate(cfg.optim, cfg.steps)
     lora = cfg.adapter == "lora"
     shardings = lora_state_shardings(cfg, cfg.lora, tx, mesh) if lora else state_shardings(cfg, tx, mesh)
     options = ocp.CheckpointManagerOptions(
@@ -242,7 +232,9 @@ def _train(
         else:
             start = 0
             state = fresh(_load_init_params(cfg, mesh) if cfg.init_from and not lora else None)
-        metrics_out = MetricsWriter(workdir, start)
+        metrics_out = MetricsWriter(workdir, start, cfg.tensorboard)
+        if cfg.sample_every and sample_fn is None:
+            sample_fn = checkpoint_sampler(cfg.init_from, cfg, mesh)
         step_fn, eval_fn = step_fns(cfg, tx, shardings, base)
         ts = jnp.asarray(cfg.eval_timesteps, jnp.float32)
 
@@ -320,6 +312,7 @@ def _train(
                 t_last, s_last = now, step
                 rec = {
                     "step": step,
+                    "lr": float(lr_at(step - 1)),  # what this step's update used (optax counts from 0)
                     **{k: float(v) for k, v in m.items() if k != "loss"},
                     "steps_per_s": sps,
                     "images_per_s": sps * cfg.batch_size,
@@ -339,6 +332,8 @@ def _train(
                     for b in val
                 ]
                 metrics_out.write({"kind": "eval", "step": step, "val_loss": float(np.mean(vals))})
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                metrics_out.images(np.asarray(sample_fn(state.ema_params)), step, len(cfg.sample_prompts))
             stop = preemption.requested  # read once: every branch below sees the same answer
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 metrics_out.write({"step": step, "loss": check(step, m["loss"])})
@@ -368,6 +363,7 @@ def _train(
         if pending is not None:
             metrics_out.write({"step": pending[0], "loss": check(*pending)})
         finish(cfg.steps)
+        metrics_out.close()
         if bar is not None:
             bar.close()
         if lora:
