@@ -62,5 +62,6 @@ if [[ "$TPU_FIT" == 1 ]]; then
   done
 fi
 
-python bench/common.py --render --out BENCHMARKS.md
-echo "wrote BENCHMARKS.md"
+python bench/render.py --out BENCHMARKS.md
+python bench/readme.py  # the README's measured figures, from the same files
+echo "wrote BENCHMARKS.md and README.md's measured figures"

@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 from sd3_jax.convert.mmdit import abstract_params
-from sd3_jax.lora import LoraConfig, create_lora_state
+from sd3_jax.lora import LoraConfig
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import make_mesh
 from sd3_jax.train.config import OptimConfig, TrainConfig
 from sd3_jax.train.data import make_iterator
 from sd3_jax.train.dpo import PairsSource, dpo_loss, dpo_margin, dpo_terms, dpo_train_step
+from sd3_jax.train.lora import create_lora_state
 from sd3_jax.train.state import make_optimizer
 
 

@@ -23,18 +23,17 @@ from sd3_jax.lora import (
     LoraConfig,
     adapter_modules,
     apply_lora,
-    create_lora_state,
     init_lora,
     lora_logical_names,
     lora_mask,
     lora_targets,
-    lora_train_step,
     merge,
     unmerge,
 )
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
 from sd3_jax.sharding.mesh import logical_to_spec, make_mesh
 from sd3_jax.train.config import OptimConfig, TrainConfig
+from sd3_jax.train.lora import create_lora_state, lora_train_step
 from sd3_jax.train.state import make_optimizer
 
 SD35_STYLE = dict(TINY, qk_norm="rms_norm", dual_attention_layers=(0, 1))
@@ -402,7 +401,7 @@ def test_adapters_are_named_like_their_base_kernels(tiny):
 MESH_WORKER = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from sd3_jax.lora import LoraConfig, apply_lora, create_lora_state, lora_train_step
+from sd3_jax.lora import LoraConfig, apply_lora
 from sd3_jax.convert.mmdit import abstract_params
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import MeshConfig, make_mesh, tree_shardings

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sd3_jax.convert import mmdit as mmdit_convert
+from sd3_jax.convert import orbax_io
 from sd3_jax.convert import text_encoders as te
 from sd3_jax.convert import vae as vae_convert
 from sd3_jax.convert.mapping import CheckpointError, Rule, TensorSource, open_tensors
@@ -26,6 +27,7 @@ from sd3_jax.nn.vae import VAEConfig
 KIND_OF = {"transformer": "mmdit", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "clip",
            "text_encoder_3": "t5"}  # fmt: skip
 CONFIG_CLASS = {"mmdit": MMDiTConfig, "vae": VAEConfig, "clip": CLIPConfig, "t5": T5Config}
+assert set(CONFIG_CLASS) < set(orbax_io.KINDS)  # what read_manifest accepts
 ABSTRACT = {
     "mmdit": mmdit_convert.abstract_params,
     "vae": vae_convert.abstract_params,
@@ -75,9 +77,7 @@ METADATA_KEY = "sd3_jax.config.{}"
 
 def unseen_config(component: str, cfg: Any) -> dict[str, str]:
     """Safetensors metadata recording the fields of `cfg` that shapes cannot tell."""
-    from sd3_jax.convert.orbax_io import config_to_json
-
-    fields = {k: v for k, v in config_to_json(cfg).items() if k in UNSEEN_FIELDS[KIND_OF[component]]}
+    fields = {k: v for k, v in orbax_io.config_to_json(cfg).items() if k in UNSEEN_FIELDS[KIND_OF[component]]}
     return {METADATA_KEY.format(component): json.dumps(fields)}
 
 
@@ -173,6 +173,4 @@ def plans_from_diffusers(folder: str) -> list[Plan]:
 
 
 def read_config(kind: str, d: Mapping[str, Any], **overrides: Any) -> Any:
-    from sd3_jax.convert.orbax_io import config_from_json
-
-    return config_from_json(CONFIG_CLASS[kind], d, **overrides)
+    return orbax_io.config_from_json(CONFIG_CLASS[kind], d, **overrides)

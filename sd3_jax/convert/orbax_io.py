@@ -258,6 +258,9 @@ def atomic_directory(out: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+KINDS = ("mmdit", "vae", "clip", "t5", "identity")  # a manifest's component kinds (components.CONFIG_CLASS)
+
+
 def write_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump({"format": FORMAT, **manifest}, f, indent=1)
@@ -277,13 +280,9 @@ def read_manifest(directory: str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
         raise CheckpointFormatError(f"{directory}: checkpoint format {found!r}, expected {FORMAT}"[:300])
-    from sd3_jax.convert.components import CONFIG_CLASS
-
     components = manifest.get("components")
     if not isinstance(components, dict) or not all(
-        isinstance(c, dict)
-        and c.get("kind") in (*CONFIG_CLASS, "identity")
-        and isinstance(c.get("config"), dict)
+        isinstance(c, dict) and c.get("kind") in KINDS and isinstance(c.get("config"), dict)
         for c in components.values()
     ):
         raise CheckpointFormatError(f"{path}: corrupt manifest (components are not {{kind, config}} entries)")

@@ -102,8 +102,9 @@ def _load_init_params(cfg: TrainConfig, mesh=None) -> Any:
 
 def step_fns(cfg: TrainConfig, tx, shardings, base):
     """(jitted step(state, batch, rng), jitted eval(ema_params, batch, ts, key)) for the configured run."""
-    from sd3_jax.lora import apply_lora, lora_train_step
+    from sd3_jax.lora import apply_lora
     from sd3_jax.train.dpo import dpo_train_step
+    from sd3_jax.train.lora import lora_train_step
 
     jit_step = lambda f: jax.jit(f, out_shardings=(shardings, None), donate_argnums=0)
     if cfg.adapter != "lora":
@@ -169,7 +170,7 @@ def _train(
 ) -> TrainState:
     import orbax.checkpoint as ocp
 
-    from sd3_jax.lora import create_lora_state, lora_state_shardings
+    from sd3_jax.train.lora import create_lora_state, lora_state_shardings
 
     if cfg.init_from:
         cfg = _with_checkpoint_model(cfg)
