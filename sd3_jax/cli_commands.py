@@ -52,7 +52,14 @@ def _sample(a: argparse.Namespace) -> None:
     if not a.out.lower().endswith(".png"):
         raise ValueError(f"--out must be a .png file, got {a.out}")
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, None: None}[a.dtype]
-    pipe = SD3Pipeline.load(a.checkpoint, dtype=dtype, use_t5=not a.no_t5, step=a.step)
+    pipe = SD3Pipeline.load(
+        a.checkpoint,
+        dtype=dtype,
+        use_t5=not a.no_t5,
+        step=a.step,
+        tokenizers=a.tokenizers,
+        turbo=True if a.turbo else None,
+    )
     adapters = []
     for spec in a.lora or []:
         from sd3_jax.convert.lora import import_lora
@@ -180,7 +187,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(fn=_export)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint")
-    s.add_argument("--checkpoint", required=True, help="an sd3-jax checkpoint or a `train` workdir")
+    s.add_argument(
+        "--checkpoint",
+        required=True,
+        help="an sd3-jax checkpoint, a `train` workdir, a diffusers folder, a Stability single file or a "
+        "Hugging Face model id (the last three converted in memory)",
+    )
+    s.add_argument(
+        "--tokenizers", help="single files: a folder with tokenizer/ and tokenizer_2/ (tokenizer_3/)"
+    )
+    s.add_argument("--turbo", action="store_true", help="SD3.5 Large Turbo's defaults (4 steps, no CFG)")
     s.add_argument("--step", type=int, default=None, help="a training workdir's step (default: the latest)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative-prompt", default="")

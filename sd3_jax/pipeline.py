@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd3_jax.convert.orbax_io import config_from_json, read_manifest
-from sd3_jax.convert.pipeline_io import load_component
+from sd3_jax.convert.orbax_io import config_from_json
 from sd3_jax.flow import samplers as smp
 from sd3_jax.flow import schedules
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
@@ -163,34 +162,39 @@ class SD3Pipeline:
         use_t5: bool = True,
         attention: str = "auto",
         step: int | None = None,
+        tokenizers: str | None = None,
+        turbo: bool | None = None,
     ) -> SD3Pipeline:
-        """Restores a converted checkpoint straight into device arrays (sharded by the rules on `mesh`).
+        """Loads a pipeline straight into device arrays (the MMDiT sharded by the rules on `mesh`).
 
         Args:
-          ckpt_dir: an sd3-jax checkpoint (`sd3-jax convert`), or an `sd3-jax train` workdir of a run with
-            `init_from`: its EMA transformer with that checkpoint's VAE, text encoders and defaults.
+          ckpt_dir: an sd3-jax checkpoint (`sd3-jax convert`); an `sd3-jax train` workdir of a run with
+            `init_from` (its EMA transformer with that checkpoint's VAE, text encoders and defaults); or
+            PyTorch weights converted in memory, one tensor at a time, with no Orbax copy written: a
+            diffusers pipeline folder, a Stability single file (text encoders beside it found as `convert`
+            finds them), or a Hugging Face model id such as `stabilityai/stable-diffusion-3.5-medium`
+            (through huggingface_hub's cache; only the diffusers folder is fetched).
           step: a workdir's checkpoint step (None: the latest).
           dtype: params and compute dtype (None: as stored).
           mesh: shard the MMDiT over this mesh by its logical axis names (the VAE and text encoders are
             replicated over it); None: one device.
           use_t5: load T5 (False saves its memory; its tokens are then zeros, as in diffusers).
           attention: the MMDiT attention backend.
+          tokenizers: a folder with tokenizer/, tokenizer_2/ (tokenizer_3/) for single files that have no
+            diffusers folder beside them.
+          turbo: SD3.5 Large Turbo's sampling defaults for PyTorch weights (None: when the name says so).
         """
-        from sd3_jax.convert.workdir import is_run, open_run
+        from sd3_jax.convert.opened import open_source
 
-        run = open_run(ckpt_dir, step) if is_run(ckpt_dir) else None
-        if run is None and step is not None:
-            raise ValueError(f"{ckpt_dir}: step {step} asked of a checkpoint that is not a training workdir")
-        base = run.base if run else ckpt_dir  # every component but a run's transformer, and the tokenizers
-        manifest = run.manifest if run else read_manifest(ckpt_dir)
+        opened = open_source(ckpt_dir, step, tokenizers, turbo)
+        manifest = opened.manifest
         have = manifest["components"]
         needed = ["transformer", "vae", "text_encoder", "text_encoder_2"]
         missing = [c for c in needed if c not in have]
         if missing:
             raise ValueError(
-                f"{ckpt_dir}: checkpoint lacks {', '.join(missing)}; convert a full pipeline (transformer, "
-                "VAE, "
-                "CLIP-L and CLIP-G, optionally T5, with tokenizers) to sample"
+                f"{ckpt_dir}: lacks {', '.join(missing)}; sampling needs a full pipeline (transformer, VAE, "
+                "CLIP-L and CLIP-G, optionally T5, with tokenizers)"
             )
         t_sh = None
         if mesh is not None:
@@ -201,16 +205,13 @@ class SD3Pipeline:
             t_sh = tree_shardings(
                 abstract_params(read_config("mmdit", have["transformer"]["config"]), boxed=True), mesh
             )
-        if run is not None:
-            t_cfg, t_params = run.transformer(dtype, t_sh)
-        else:
-            t_cfg, t_params = load_component(ckpt_dir, "transformer", dtype, t_sh)
+        t_cfg, t_params = opened.load("transformer", dtype, t_sh)
         t_cfg = t_cfg.replace(dtype=dtype, attention=attention)
         if have["vae"]["kind"] == "identity":
             v_cfg, v_params = config_from_json(IdentityAEConfig, have["vae"]["config"]), None
         else:
-            v_cfg, v_params = load_component(base, "vae", dtype)
-        text = _load_text(base, have, dtype, use_t5, t_cfg.context_dim)
+            v_cfg, v_params = opened.load("vae", dtype, None)
+        text = _load_text(opened, dtype, use_t5, t_cfg.context_dim)
         if mesh is not None:
             # The small models are replicated over the mesh, so every jitted call sees one device set.
             rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -469,16 +470,19 @@ def _check_numbers(**checks: tuple[Any, float | None, float | None, type]) -> No
             raise ValueError(f"{name} must be {what}{bounds}, got {v!r}")
 
 
-def _load_text(ckpt_dir: str, have: dict, dtype: Any, use_t5: bool, joint: int) -> Any:
+def _load_text(opened: Any, dtype: Any, use_t5: bool, joint: int) -> Any:
+    """The text encoders and tokenizers of an opened source (`sd3_jax.convert.opened`)."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from sd3_jax.text import Encoder, TextEncoders
 
+    have = opened.manifest["components"]
+
     def enc(component, tokenizer_dir, tok_cls):
-        folder = os.path.join(ckpt_dir, tokenizer_dir)
-        if not os.path.isdir(folder):
-            raise ValueError(f"{ckpt_dir}: checkpoint has {component} but no {tokenizer_dir}/")
-        cfg, params = load_component(ckpt_dir, component, dtype)
+        folder = os.path.join(opened.tokenizers or "", tokenizer_dir)
+        if not opened.tokenizers or not os.path.isdir(folder):
+            raise ValueError(f"{opened.tokenizers}: has {component} but no {tokenizer_dir}/")
+        cfg, params = opened.load(component, dtype, None)
         return Encoder(tok_cls.from_pretrained(folder), cfg, params)
 
     clip_l = enc("text_encoder", "tokenizer", CLIPTokenizer)

@@ -16,8 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sd3_jax.convert.orbax_io import config_from_json, read_manifest
-from sd3_jax.convert.pipeline_io import load_component
+from sd3_jax.convert.orbax_io import config_from_json
 from sd3_jax.data.pipeline import BucketResizeCrop
 from sd3_jax.data.records import prepare
 from sd3_jax.data.sources import open_source
@@ -40,18 +39,19 @@ def checkpoint_encoders(
     encode_images: (B, H, W, 3) in [-1, 1] -> scaled latents (B, h, w, C), as the MMDiT sees them.
     encode_captions: captions -> {clip_l, clip_g (penultimate states), pooled_l, pooled_g[, t5]}, batched.
     """
+    from sd3_jax.convert.opened import open_source
     from sd3_jax.pipeline import _load_text, encode
 
-    manifest = read_manifest(ckpt)
-    have = manifest["components"]
+    opened = open_source(ckpt)  # a checkpoint, a workdir, or PyTorch weights converted in memory
+    have = opened.manifest["components"]
     for c in ("vae", "text_encoder", "text_encoder_2"):
         if c not in have:
-            raise ValueError(f"{ckpt}: checkpoint lacks {c}, which {what} needs")
+            raise ValueError(f"{ckpt}: lacks {c}, which {what} needs")
     if have["vae"]["kind"] == "identity":
         v_cfg, v_params = config_from_json(IdentityAEConfig, have["vae"]["config"]), None
     else:
-        v_cfg, v_params = load_component(ckpt, "vae")
-    text = _load_text(ckpt, have, None, True, 4096)
+        v_cfg, v_params = opened.load("vae", None, None)
+    text = _load_text(opened, None, True, 4096)
 
     def encode_images(images: np.ndarray) -> np.ndarray:
         return np.asarray(encode(v_params, jnp.asarray((images + 1) / 2), config=v_cfg))

@@ -427,6 +427,117 @@ def test_bad_input(tiny, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def _fake_hub(tmp_path, monkeypatch, folder, repo="org/tiny-sd3", rev="0123abcd"):
+    """A Hugging Face cache laid out as huggingface_hub lays it (models--org--name/snapshots/REV with
+    refs/main), holding `folder`, and the Hub switched off: nothing here touches a network."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(folder, repo_dir / "snapshots" / rev)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+def _listing(*dirs):
+    return sorted(os.path.join(d, f) for top in dirs for d, _, fs in os.walk(top) for f in fs)
+
+
+def test_pytorch_layouts_load_straight_into_the_pipeline(tiny, tmp_path, monkeypatch, capsys):
+    """A diffusers folder, a Stability single file (tokenizers from a folder) and a model id from the
+    Hugging Face cache each sample, converted in memory, the very images of the converted checkpoint
+    (fp32, bitwise), and write nothing: no Orbax copy anywhere."""
+    root, _ = tiny
+    single = tmp_path / "sd3_tiny.safetensors"
+    assert main(["export", str(root / "ckpt_t51"), "--format", "sai", "--out", str(single)]) == 0
+    repo = _fake_hub(tmp_path, monkeypatch, root / "diffusers_t51")
+    kw = dict(prompt=PROMPT, steps=3, guidance_scale=3.0, seed=2, height=SIZE, width=SIZE, output="float")
+    want = SD3Pipeline.load(str(root / "ckpt_t51")).generate(**kw, progress=False)
+    before = _listing(tmp_path, root)
+    for source, extra in [
+        (str(root / "diffusers_t51"), {}),
+        (str(single), {"tokenizers": str(root / "diffusers_t51")}),
+        (repo, {}),
+    ]:
+        got = SD3Pipeline.load(source, **extra).generate(**kw, progress=False)
+        np.testing.assert_array_equal(got, want, err_msg=source)
+    assert _listing(tmp_path, root) == before
+    # What is fetched of a real repository's files: the diffusers folder, not the single files beside it.
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sd3_jax.convert.hub import DIFFUSERS_FILES
+
+    files = ["model_index.json", "scheduler/scheduler_config.json", "sd3.5_medium.safetensors", "README.md"]
+    files += ["transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json"]
+    files += [
+        "text_encoder_3/model-00001-of-00002.safetensors",
+        "text_encoder_3/model.safetensors.index.json",
+    ]
+    files += [
+        "text_encoders/t5xxl_fp8_e4m3fn.safetensors",
+        "text_encoders/clip_g.safetensors",
+        "sd3.5_medium.png",
+    ]
+    files += ["tokenizer_3/spiece.model", "vae/diffusion_pytorch_model.safetensors"]
+    skipped = {"sd3.5_medium.safetensors", "README.md", "sd3.5_medium.png"} | {
+        f for f in files if "encoders/" in f
+    }
+    assert sorted(filter_repo_objects(files, allow_patterns=DIFFUSERS_FILES)) == sorted(set(files) - skipped)
+    # Through the CLI: sample and convert take the id; a model not in the cache while offline, and a gated
+    # one, are one line and exit 2.
+    out = tmp_path / "id.png"
+    args = ["sample", "--checkpoint", repo, "--prompt", PROMPT[0], "--steps", "2", "--size", "8x8"]
+    assert main(args + ["--out", str(out), "--no-progress"]) == 0 and out.exists()
+    assert (
+        main(["convert", repo, "--out", str(tmp_path / "from_id"), "--dtype", "fp32", "--no-progress"]) == 0
+    )
+    assert (tmp_path / "from_id" / "sd3_jax.json").exists()
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    assert main(["sample", "--checkpoint", "org/absent", "--prompt", "a", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("sd3-jax: error: org/absent is not in the Hugging Face cache")
+        and "HF_HUB_OFFLINE" in err
+    )
+    assert len(err.splitlines()) == 1
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*a, **k):  # what the Hub answers without an accepted licence
+        import httpx2
+
+        url = "https://huggingface.co/api/models/stabilityai/stable-diffusion-3.5-large"
+        response = httpx2.Response(403, request=httpx2.Request("GET", url))
+        raise GatedRepoError("403 Client Error: Cannot access gated repo", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                "stabilityai/stable-diffusion-3.5-large",
+                "--prompt",
+                "a",
+                "--out",
+                str(bad),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        "is gated: accept its licence at https://huggingface.co/stabilityai/stable-diffusion-3.5-large" in err
+    )
+    assert len(err.splitlines()) == 1 and not bad.exists()
+
+
 def test_sample_cli_writes_png_with_metadata(tiny, tmp_path):
     from PIL import Image
 

@@ -93,12 +93,17 @@ def beside_single_file(path: str) -> dict[str, str]:
     return out
 
 
-def _plans(sources: Sequence[str]) -> tuple[list[comp.Plan], str | None, dict[str, Any]]:
-    """Plans for all sources; the diffusers folder (for tokenizers) and scheduler config if any."""
+def plans(sources: Sequence[str]) -> tuple[list[comp.Plan], str | None, dict[str, Any]]:
+    """Plans for all sources (model ids resolved to their diffusers folder); the diffusers folder (for
+    tokenizers) and scheduler config if any."""
+    from sd3_jax.convert import hub
+
     plans: list[comp.Plan] = []
     single_files: list[str] = []  # files holding a transformer: text encoders may lie beside them
     folder, scheduler = None, dict(DEFAULT_SCHEDULER)
     for s in sources:
+        if hub.is_model_id(s):
+            s = hub.resolve(s)
         if not os.path.exists(s):
             raise FileNotFoundError(f"{s}: no such file or folder")
         if os.path.isdir(s) and os.path.exists(os.path.join(s, "model_index.json")):
@@ -150,30 +155,13 @@ def convert(
     """
     t0 = time.perf_counter()
     np_dtype = _dtype(dtype)
-    plans, folder, scheduler = _plans(sources)
-    named_turbo = any("turbo" in os.path.basename(os.path.normpath(s)).lower() for s in sources)
-    model = None
-    for p in plans:
-        if p.component == "transformer":
-            model = released_model(p.config, bool(turbo))
-            if model == "sd35_large" and turbo is None and named_turbo:
-                model = "sd35_large_turbo"
+    found, folder, scheduler = plans(sources)
+    model, sampling = sampling_defaults(found, sources, turbo)
     tok_dir = tokenizers or folder
-    components = {p.component for p in plans}
-    if components & set(TEXT):
-        missing = [
-            t
-            for t in TOKENIZERS[: 3 if "text_encoder_3" in components else 2]
-            if not (tok_dir and os.path.isdir(os.path.join(tok_dir, t)))
-        ]
-        if missing:
-            raise CheckpointError(
-                f"text encoders need their tokenizers: pass --tokenizers DIR, a diffusers folder holding "
-                f"{', '.join(m + '/' for m in missing)} (e.g. the stable-diffusion-3-medium-diffusers folder)"
-            )
-    for p in plans:  # names first: a missing tensor is one error line before anything is sized or read
+    check_tokenizers(found, tok_dir)
+    for p in found:  # names first: a missing tensor is one error line before anything is sized or read
         check_keys(p.src, p.rules, p.what)
-    total = sum(_nbytes(p) for p in plans)
+    total = sum(_nbytes(p) for p in found)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -181,7 +169,7 @@ def convert(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", dynamic_ncols=True)
     summary: dict[str, Any] = {"components": {}, "dtype": dtype or "as stored"}
     with atomic_directory(out) as tmp:
-        for p in plans:
+        for p in found:
             count = save_params_streaming(
                 os.path.join(tmp, p.component),
                 iter_params(p.src, p.rules, p.abstract, p.what, np_dtype, bar.update if bar else None),
@@ -198,13 +186,43 @@ def convert(
                     shutil.copytree(os.path.join(tok_dir, t), os.path.join(tmp, t))
         summary["scheduler"] = scheduler
         if model is not None:
-            summary["model"] = model
-            summary["sampling"] = RELEASED_SAMPLING[model]
+            summary["model"], summary["sampling"] = model, sampling
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, summary)
     if bar is not None:
         bar.close()
     return summary
+
+
+def sampling_defaults(
+    found: Sequence[comp.Plan], sources: Sequence[str], turbo: bool | None
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The released model a transformer's shapes name, and its sampling defaults (`RELEASED_SAMPLING`);
+    `turbo` marks SD3.5 Large Turbo (None: when a source's name says "turbo")."""
+    named_turbo = any("turbo" in os.path.basename(os.path.normpath(s)).lower() for s in sources)
+    model = None
+    for p in found:
+        if p.component == "transformer":
+            model = released_model(p.config, bool(turbo))
+            if model == "sd35_large" and turbo is None and named_turbo:
+                model = "sd35_large_turbo"
+    return model, RELEASED_SAMPLING[model] if model is not None else None
+
+
+def check_tokenizers(found: Sequence[comp.Plan], tok_dir: str | None) -> None:
+    """Text encoders come with their tokenizers, or one error line says which are missing."""
+    components = {p.component for p in found}
+    if components & set(TEXT):
+        missing = [
+            t
+            for t in TOKENIZERS[: 3 if "text_encoder_3" in components else 2]
+            if not (tok_dir and os.path.isdir(os.path.join(tok_dir, t)))
+        ]
+        if missing:
+            raise CheckpointError(
+                f"text encoders need their tokenizers: pass --tokenizers DIR, a diffusers folder holding "
+                f"{', '.join(m + '/' for m in missing)} (e.g. the stable-diffusion-3-medium-diffusers folder)"
+            )
 
 
 def _nbytes(p: comp.Plan) -> int:
@@ -274,23 +292,19 @@ def _stream(params, rules, abstract, prefix: str):
 def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
     """Writes an sd3-jax checkpoint to a diffusers folder (fmt "diffusers") or one Stability file ("sai").
 
-    `ckpt` may be an `sd3-jax train` workdir: its EMA transformer at `step` (None: the latest) is written
-    with the rest of its `init_from` checkpoint."""
+    `ckpt` may be an `sd3-jax train` workdir (its EMA transformer at `step`, None: the latest, with the rest
+    of its `init_from` checkpoint), or anything else `SD3Pipeline.load` takes."""
     import jax
 
-    from sd3_jax.convert.workdir import is_run, open_run
+    from sd3_jax.convert.opened import open_source
 
     if fmt not in ("diffusers", "sai"):
         raise ValueError(f"--format must be diffusers or sai, got {fmt!r}")
-    run = open_run(ckpt, step) if is_run(ckpt) else None
-    if run is None and step is not None:
-        raise ValueError(f"{ckpt}: --step asked of a checkpoint that is not a training workdir")
-    manifest = run.manifest if run else read_manifest(ckpt)
+    opened = open_source(ckpt, step)
+    manifest = opened.manifest
 
-    def restored(component):  # a run's transformer is its EMA params, the rest its base's
-        if run is not None and component == "transformer":
-            return run.transformer()
-        return load_component(run.base if run else ckpt, component)
+    def restored(component):
+        return opened.load(component, None, None)
 
     written = []
     if fmt == "sai":
@@ -336,7 +350,7 @@ def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
                 json.dump(config, f, indent=1)
             index[component] = list(classes[kind])
             written.append(component)
-        base = run.base if run else ckpt
+        base = opened.tokenizers or ""
         for t in TOKENIZERS:
             if os.path.isdir(os.path.join(base, t)):
                 shutil.copytree(os.path.join(base, t), os.path.join(tmp, t))
