@@ -13,6 +13,7 @@ vocabulary. Writes demo_out/: samples.png (held-out prompts), loss.png, metrics,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -83,10 +84,6 @@ def train_config(steps: int, data_prefix: str) -> TrainConfig:
         keep_checkpoints=2,
         log_every=50,
         eval_every=max(steps // 5, 1),
-        sample_every=max(steps // 5, 1),  # grids in TensorBoard and demo_out/work/train/samples/
-        sample_prompts=tuple(shapes.prompts("held_out", 4, seed=7)),
-        sample_images=4,
-        sample_steps=SAMPLING["steps"],
     )
 
 
@@ -298,7 +295,13 @@ def main(argv: list[str] | None = None) -> None:
         prepare(text, prefix, a.examples, a.seed)
         prepare(text, prefix + "-val", 256, a.seed + 10**6)
     print(f"[demo] data ready: {a.examples} examples ({time.time() - t0:.0f} s)", flush=True)
-    cfg = train_config(a.steps, prefix)
+    cfg = dataclasses.replace(
+        train_config(a.steps, prefix),
+        sample_every=max(a.steps // 5, 1),  # grids in TensorBoard and demo_out/work/train/samples/
+        sample_prompts=tuple(shapes.prompts("held_out", 4, seed=7)),
+        sample_images=4,
+        sample_steps=SAMPLING["steps"],
+    )
     state = train(cfg, os.path.join(work, "train"), sample_fn=sampler(text, cfg))
     metrics = read_metrics(os.path.join(work, "train"))
     print(f"[demo] trained {a.steps} steps ({time.time() - t0:.0f} s)", flush=True)

@@ -402,6 +402,7 @@ MESH_WORKER = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from sd3_jax.lora import LoraConfig, apply_lora
+from sd3_jax.train.lora import create_lora_state, lora_train_step
 from sd3_jax.convert.mmdit import abstract_params
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import MeshConfig, make_mesh, tree_shardings

@@ -172,6 +172,10 @@ class TrainConfig:
             sample_steps=(1, None),
             sample_size=(0, None),
         )
+        from sd3_jax.nn.mmdit import MMDiT  # a synthetic size the model cannot take fails here, not later
+
+        n = self.data.latent_size
+        MMDiT(self.model).check_latent_shape((1, n, n, self.model.in_channels))
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every needs at least one of sample_prompts")
 
@@ -226,7 +230,7 @@ def _parse(value: str, current: Any, hint: Any) -> Any:
         items = [v for v in value.strip("()[] ").split(",") if v.strip()]
         args = typing.get_args(hint)
         conv = args[0] if args and args[0] in (int, float, str) else (type(current[0]) if current else str)
-        if conv is str:  # prompts: "|" between them, since they hold commas
+        if conv is str and "|" in value:  # prompts hold commas: "|" between them ("a, b|" for one)
             return tuple(v.strip() for v in value.split("|") if v.strip())
         return tuple(conv(v.strip()) for v in items)
     if value.lower() == "none" and (current is None or type(None) in typing.get_args(hint)):
