@@ -26,7 +26,7 @@ def _convert(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from sd3_jax.convert.pipeline_io import export
+    from sd3_jax.convert.export import export
 
     written = export(a.checkpoint, a.format, a.out, step=a.step)
     print(f"wrote {a.out} ({a.format}: {', '.join(written)})")

@@ -1,8 +1,8 @@
-"""`sd3-jax convert` and `sd3-jax export`: PyTorch SD3 checkpoints to an sd3-jax Orbax checkpoint and back.
+"""`sd3-jax convert`: PyTorch SD3 checkpoints to an sd3-jax Orbax checkpoint (`export.py` goes back).
 
 Inputs: a diffusers pipeline folder; Stability's single files (with the separate clip_l / clip_g / t5xxl
-files beside them); or one component's file alone. Conversion streams one param at a time into Orbax and
-is atomic (see `orbax_io`). Export writes a diffusers folder or one Stability single file.
+files beside them); one component's file alone; or a Hugging Face model id (its diffusers folder).
+Conversion streams one param at a time into Orbax and is atomic (see `orbax_io`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from sd3_jax.convert import components as comp
-from sd3_jax.convert import mmdit as mmdit_convert
-from sd3_jax.convert import text_encoders as te
-from sd3_jax.convert import vae as vae_convert
-from sd3_jax.convert.mapping import CheckpointError, check_keys, iter_params, source_shapes, to_source
+from sd3_jax.convert.mapping import CheckpointError, check_keys, iter_params
 from sd3_jax.convert.orbax_io import (
     atomic_directory,
     config_to_json,
@@ -31,7 +28,6 @@ from sd3_jax.convert.orbax_io import (
     save_params_streaming,
     write_manifest,
 )
-from sd3_jax.convert.safetensors_io import write_safetensors
 
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -244,10 +240,6 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
         print(f"  {name:15s} {c['kind']:6s} {c['params']:>15,d} params")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Export.
-
-
 def load_component(ckpt: str, component: str, dtype: Any = None, shardings: Any = None) -> tuple[Any, Any]:
     """(config, params) of one component of an sd3-jax checkpoint, params restored as device arrays."""
     manifest = read_manifest(ckpt)
@@ -258,122 +250,3 @@ def load_component(ckpt: str, component: str, dtype: Any = None, shardings: Any 
     cfg = comp.read_config(entry["kind"], entry["config"])
     abstract = comp.ABSTRACT[entry["kind"]](cfg)
     return cfg, restore_params(os.path.join(ckpt, component), abstract, dtype, shardings)
-
-
-def _rules_for_export(component: str, cfg: Any, layout: str) -> tuple[list, str]:
-    kind = comp.KIND_OF[component]
-    if kind == "mmdit":
-        rules = mmdit_convert.diffusers_rules(cfg) if layout == "diffusers" else mmdit_convert.sai_rules(cfg)
-    elif kind == "vae":
-        rules = vae_convert.diffusers_rules(cfg) if layout == "diffusers" else vae_convert.sai_rules(cfg)
-    elif kind == "clip":
-        rules = te.clip_rules(cfg, "text_model.")
-    else:
-        rules = te.t5_rules(cfg)
-    prefix = "" if layout == "diffusers" else comp.SAI_PREFIXES[component]
-    return [r for r in rules if r.targets], prefix
-
-
-def _stream(params, rules, abstract, prefix: str):
-    shapes = source_shapes(rules, abstract)
-    dtypes = {}
-    for r in rules:
-        for s in r.sources:
-            t = r.targets[0]
-            leaf = params
-            for k in t.path:
-                leaf = leaf[k]
-            dtypes[s] = np.dtype(leaf.dtype)
-    header = {prefix + k: (shapes[k], dtypes[k]) for r in rules for k in r.sources}
-    items = ((prefix + k, v) for k, v in to_source(params, rules))
-    return header, items
-
-
-def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
-    """Writes an sd3-jax checkpoint to a diffusers folder (fmt "diffusers") or one Stability file ("sai").
-
-    `ckpt` may be an `sd3-jax train` workdir (its EMA transformer at `step`, None: the latest, with the rest
-    of its `init_from` checkpoint), or anything else `SD3Pipeline.load` takes."""
-    import jax
-
-    from sd3_jax.convert.opened import open_source
-
-    if fmt not in ("diffusers", "sai"):
-        raise ValueError(f"--format must be diffusers or sai, got {fmt!r}")
-    opened = open_source(ckpt, step)
-    manifest = opened.manifest
-
-    def restored(component):
-        return opened.load(component, None, None)
-
-    written = []
-    if fmt == "sai":
-        if os.path.exists(out):
-            raise FileExistsError(f"{out} already exists")
-        header, gens, meta = {}, [], {"format": "pt"}
-        for component, entry in manifest["components"].items():
-            cfg, params = restored(component)
-            params = jax.device_get(params)
-            rules, prefix = _rules_for_export(component, cfg, "sai")
-            h, items = _stream(params, rules, comp.ABSTRACT[entry["kind"]](cfg), prefix)
-            header.update(h)
-            gens.append(items)
-            meta.update(comp.unseen_config(component, cfg))
-        write_safetensors(out, (kv for g in gens for kv in g), metadata=meta, shapes=header)
-        return [out]
-    with atomic_directory(out) as tmp:
-        index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0"}
-        classes = {
-            "mmdit": ("diffusers", "SD3Transformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            "clip": ("transformers", "CLIPTextModelWithProjection"),
-            "t5": ("transformers", "T5EncoderModel"),
-        }
-        for component, entry in manifest["components"].items():
-            kind = entry["kind"]
-            cfg, params = restored(component)
-            params = jax.device_get(params)
-            rules, prefix = _rules_for_export(component, cfg, "diffusers")
-            header, items = _stream(params, rules, comp.ABSTRACT[kind](cfg), prefix)
-            os.makedirs(os.path.join(tmp, component))
-            fname = "diffusion_pytorch_model.safetensors" if kind in ("mmdit", "vae") else "model.safetensors"
-            write_safetensors(
-                os.path.join(tmp, component, fname), items, metadata={"format": "pt"}, shapes=header
-            )
-            config = {
-                "mmdit": mmdit_convert.config_to_diffusers,
-                "vae": vae_convert.config_to_diffusers,
-                "clip": te.hf_clip_config,
-                "t5": te.hf_t5_config,
-            }[kind](cfg)
-            with open(os.path.join(tmp, component, "config.json"), "w") as f:
-                json.dump(config, f, indent=1)
-            index[component] = list(classes[kind])
-            written.append(component)
-        base = opened.tokenizers or ""
-        for t in TOKENIZERS:
-            if os.path.isdir(os.path.join(base, t)):
-                shutil.copytree(os.path.join(base, t), os.path.join(tmp, t))
-                fast = os.path.exists(os.path.join(base, t, "tokenizer.json")) and t == "tokenizer_3"
-                index[t] = [
-                    "transformers",
-                    "T5TokenizerFast" if fast or t == "tokenizer_3" else "CLIPTokenizer",
-                ]
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(manifest.get("scheduler", DEFAULT_SCHEDULER), f, indent=1)
-        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-        for name in (
-            "text_encoder",
-            "text_encoder_2",
-            "text_encoder_3",
-            "tokenizer",
-            "tokenizer_2",
-            "tokenizer_3",
-        ):
-            index.setdefault(name, [None, None])
-        index.setdefault("image_encoder", [None, None])
-        index.setdefault("feature_extractor", [None, None])
-        with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=1)
-    return written
