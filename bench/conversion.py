@@ -7,10 +7,10 @@ For each case MODEL:DTYPE (models: sd3_medium, sd35_large):
 1. Synthesizes MODEL's MMDiT in Stability's single-file layout (`model.diffusion_model.*`) in DTYPE from the
    shapes of the table (`sai_rules` run backwards over `abstract_params`); each tensor is a rotated slice of
    one 16M-value random pool, streamed to disk by `write_safetensors(shapes=...)`.
-2. The yardstick: copies the file on the same disk (`shutil.copyfile`, cold).
+2. The yardstick: copies the file on the same disk (`shutil.copyfile`, cold), three times: the median.
 3. Converts it to a bf16 checkpoint with the project's converter, `sd3_jax.convert.pipeline_io.convert`
    (what `sd3-jax convert --dtype bf16` runs), cold.
-4. The second yardstick: reads every file of the converted checkpoint once, cold.
+4. The second yardstick: reads every file of the converted checkpoint, cold, three times: the median.
 5. Loads the checkpoint's transformer into device arrays the way `SD3Pipeline.load` does
    (`load_component`), cold.
 Each measurement runs in a child process; its peak resident memory comes from wait4 (ru_maxrss), its peak
@@ -190,6 +190,15 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+YARDSTICK_RUNS = 3
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run of median seconds, with every run's seconds beside it."""
+    mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {**mid, "all_seconds": [r["seconds"] for r in runs]}
+
+
 NAMES = {"sd3_medium": "SD3 Medium", "sd35_large": "SD3.5 Large", "sd35_medium": "SD3.5 Medium"}
 
 
@@ -200,15 +209,24 @@ def run_case(work: str, model: str, dtype: str) -> dict:
     print(f"{model} {dtype}: {facts['tensors']} tensors, {facts['bytes'] / 1e9:.2f} GB in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     copy, ckpt = os.path.join(work, "copy.safetensors"), os.path.join(work, "ckpt")
-    try:
+
+    def copied():
         evict(src)
-        cp = run_child(["copy", src, copy])
+        res = run_child(["copy", src, copy])
         os.remove(copy)
+        return res
+
+    def read_once():
+        evict_tree(ckpt)
+        return run_child(["read", ckpt, "-"])
+
+    try:
+        # The yardsticks are medians of YARDSTICK_RUNS: one copy on this virtual disk varies up to 2x.
+        cp = _median([copied() for _ in range(YARDSTICK_RUNS)])
         evict(src)
         conv = run_child(["convert", src, ckpt])
         os.remove(src)
-        evict_tree(ckpt)
-        read = run_child(["read", ckpt, "-"])
+        read = _median([read_once() for _ in range(YARDSTICK_RUNS)])
         evict_tree(ckpt)
         ld = run_child(["load", ckpt, "-"])
         out_bytes = dir_bytes(ckpt)

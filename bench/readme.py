@@ -99,6 +99,11 @@ def _tpu() -> str:
                 cells.append(f"{r['peak_gib']:.1f}" if r["fits"] else f"{r['peak_gib']:.1f} (does not fit)")
         return " / ".join(cells)
 
+    found = [
+        f"{NAMES[r['model']]} on {r['topology']} at {r['res']} px with remat {r['remat']}: "
+        f"{r['max_per_chip']}{' (the cap)' if r['max_per_chip'] == 256 else ''}"
+        for r in _results("tpu-fit-max-batch.json")
+    ]
     fsdp = _results("tpu-fit-fsdp.json")[0]
     att = {(r["chip"], r["kernel"]): r for r in _results("tpu-attention.json")}
     chips = sorted({c for c, _ in att})
@@ -112,7 +117,8 @@ def _tpu() -> str:
         f"{' and fits v5e' if fits else ''}; the replicated T5-XXL is {t5:.1f} GiB of it. Training (fp32 "
         "params, Adam and EMA, one image per chip, 8 chips, GiB per chip at 256 / 512 / 1024 px): "
         f"SD3 Medium {row('sd3_medium', 'v5e:2x4')} on v5e, {row('sd3_medium', 'v5p:2x2x2')} on v5p; "
-        f"SD3.5 Large {row('sd35_large', 'v5p:2x2x2')} on v5p. SD3 Medium's train step on "
+        f"SD3.5 Large {row('sd35_large', 'v5p:2x2x2')} on v5p. Largest images per chip found so far "
+        f"(`--task max-batch`): {'; '.join(found)}. SD3 Medium's train step on "
         f"{fsdp['topology']} (fsdp={fsdp['fsdp']}, {fsdp['res']} px, {fsdp['per_chip']} images per chip) "
         f"takes {fsdp['argument_gib']:.2f} GiB of arguments per chip, {fsdp['ratio']:.3f}x (fp32 params + "
         "Adam + EMA) / 4 plus the batch. Attention forward and backward at 4429 tokens (batch 2, 24 heads; "

@@ -13,8 +13,9 @@ done and skipped when present, so an interrupted run resumes. Sampling: 1024x102
 (as `SD3Pipeline.load` places them); the encoders' and VAE's programs do not depend on the MMDiT and are
 compiled once per slice and batch. Training: one image per chip at 256, 512 and 1024 px, 333 text tokens,
 bf16 compute with fp32 params, Adam and EMA, fsdp over the slice. The largest batch per chip for a remat
-policy: compiled at 1 and 2 images per chip, memory taken as affine in the batch to predict the largest
-that fits, then that batch compiled to confirm it (one smaller if it does not fit). fsdp: SD3 Medium's train
+policy: the peak fitted as affine in batch x tokens over every compile of that model, slice and policy (1
+and 2 images per chip to start), the predicted largest batch compiled to confirm it (stepped down while
+refused). fsdp: SD3 Medium's train
 step on 4 v5p chips (fsdp=4, 256 px, 4 images per chip): compiled arguments per chip against
 (fp32 params + Adam moments + EMA) / 4 plus the batch.
 """
@@ -392,9 +393,11 @@ def render(results_dir: str) -> list[str]:
             "",
             "One image per chip, no remat; a row that does not fit shows the arguments plus the temporaries "
             "the compiler asked for before it stopped. Largest images per chip under each remat policy "
-            "(`--task max-batch`): compiled at 1 and 2 per chip, memory affine in the batch predicts the "
-            "largest, which is then compiled to confirm; 0 means one image does not fit; - not measured yet "
-            "(each search is 3-5 compiles of minutes on this host).",
+            "(`--task max-batch`): the peak is fitted as affine in batch x tokens over every compile of "
+            "that model, slice and policy (the splash kernel keeps attention linear in the sequence); the "
+            "predicted largest batch is compiled to confirm it fits (stepped down while the compiler "
+            "refuses it), and one more is predicted not to; 256 is the search's cap, 0 means one image does "
+            "not fit, - not measured yet (each search is 1-4 compiles of minutes on this host).",
             "",
             "| model | slice | px | peak per chip at 1 image/chip (GiB of HBM) | largest batch per chip: "
             "none / full / dots | compile s |",

@@ -301,10 +301,12 @@ def iter_params(
             _get(abstract, path)
         except (KeyError, TypeError):
             raise CheckpointError(f"{what}: table names param {'/'.join(path)} the model lacks") from None
-    for path, leaf in _leaves(abstract):
+    order = [(path, leaf, by_path[path]) for path, leaf in _leaves(abstract)]
+    reads = _read_ahead(src, [r.sources for _, _, entries in order for r, _, _ in entries])
+    for path, leaf, entries in order:
         buf = None
-        for r, i, t in by_path[path]:
-            arrays = [src.read(s) for s in r.sources]
+        for r, i, t in entries:
+            arrays = next(reads)
             # fp8 files (t5xxl_fp8_e4m3fn) are storage only: every fp8 value is exact in bf16.
             want = np.dtype(dtype) if dtype is not None else None
             if want is None and arrays[0].dtype in FP8:
@@ -338,6 +340,21 @@ def iter_params(
                 _copy(buf[t.layer], value)
             del arrays, value
         yield path, buf
+
+
+def _read_ahead(src: TensorSource, groups: Sequence[Sequence[str]], depth: int = 2) -> Iterator[list]:
+    """The arrays of each group of tensor names, in order, read `depth` groups ahead on a thread: the disk
+    reads (which release the GIL) overlap the copies and casts of the groups before them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sd3-jax-read") as pool:
+        pending = [pool.submit(lambda g=g: [src.read(s) for s in g]) for g in groups[:depth]]
+        for k in range(len(groups)):
+            arrays = pending.pop(0).result()
+            if k + depth < len(groups):
+                g = groups[k + depth]
+                pending.append(pool.submit(lambda g=g: [src.read(s) for s in g]))
+            yield arrays
 
 
 def _copy(dst: np.ndarray, value: np.ndarray, block: int = 256) -> None:
