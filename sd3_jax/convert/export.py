@@ -63,16 +63,13 @@ def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
     opened = open_source(ckpt, step)
     manifest = opened.manifest
 
-    def restored(component):
-        return opened.load(component, None, None)
-
     written = []
     if fmt == "sai":
         if os.path.exists(out):
             raise FileExistsError(f"{out} already exists")
         header, gens, meta = {}, [], {"format": "pt"}
         for component, entry in manifest["components"].items():
-            cfg, params = restored(component)
+            cfg, params = opened.load(component, None, None)
             params = jax.device_get(params)
             rules, prefix = _rules_for_export(component, cfg, "sai")
             h, items = _stream(params, rules, comp.ABSTRACT[entry["kind"]](cfg), prefix)
@@ -91,7 +88,7 @@ def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
         }
         for component, entry in manifest["components"].items():
             kind = entry["kind"]
-            cfg, params = restored(component)
+            cfg, params = opened.load(component, None, None)
             params = jax.device_get(params)
             rules, prefix = _rules_for_export(component, cfg, "diffusers")
             header, items = _stream(params, rules, comp.ABSTRACT[kind](cfg), prefix)
