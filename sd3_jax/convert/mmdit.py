@@ -69,32 +69,43 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
     ]
     for i in range(cfg.depth):
         seg, j = _block_location(cfg, i)
-        src, pre_only = f"transformer_blocks.{i}", i == cfg.depth - 1
-        attns = [("attn", True)] + ([("attn2", False)] if i in cfg.dual_attention_layers else [])
-        for attn, joint in attns:
-            a = f"{src}.{attn}"
-            for name in ("to_q", "to_k", "to_v"):
-                rules += dense(f"{a}.{name}", (seg, attn, name), j, out_shape=hk)
-            rules += dense(f"{a}.to_out.0", (seg, attn, "to_out"), j, in_shape=hk)
-            norms = ["norm_q", "norm_k"]
-            if joint:
-                for name in ("add_q_proj", "add_k_proj", "add_v_proj"):
-                    rules += dense(f"{a}.{name}", (seg, attn, name), j, out_shape=hk)
-                if not pre_only:
-                    rules += dense(f"{a}.to_add_out", (seg, attn, "to_add_out"), j, in_shape=hk)
-                norms += ["norm_added_q", "norm_added_k"]
-            if cfg.qk_norm:
-                rules += [rule(f"{a}.{n}.weight", (seg, attn, n, "scale"), j) for n in norms]
-        rules += dense(f"{src}.norm1.linear", (seg, "norm1", "linear"), j)
-        rules += dense(f"{src}.norm1_context.linear", (seg, "norm1_context", "linear"), j)
-        streams = [("ff", "ff")] + ([] if pre_only else [("ff_context", "ff_context")])
-        for name, ours in streams:
-            rules += dense(f"{src}.{name}.net.0.proj", (seg, ours, "fc1"), j)
-            rules += dense(f"{src}.{name}.net.2", (seg, ours, "fc2"), j)
+        pre_only, dual = i == cfg.depth - 1, i in cfg.dual_attention_layers
+        rules += diffusers_block(f"transformer_blocks.{i}", (seg,), j, hk, cfg.qk_norm, dual, pre_only)
     return rules
 
 
-def _split_qkv(path: tuple[str, ...], names: tuple[str, str, str], j: int, hk, src: str) -> list[Rule]:
+def diffusers_block(
+    src: str, path: tuple, j: int, hk, qk_norm: bool, dual: bool, pre_only: bool, joint: bool = True
+) -> list[Rule]:
+    """One diffusers `JointTransformerBlock` (or, not `joint`, `SD3SingleTransformerBlock`) at `src` to the
+    params at `path` + layer j of a scanned segment."""
+    rules = []
+    attns = [("attn", joint)] + ([("attn2", False)] if dual else [])
+    for attn, with_text in attns:
+        a = f"{src}.{attn}"
+        for name in ("to_q", "to_k", "to_v"):
+            rules += dense(f"{a}.{name}", (*path, attn, name), j, out_shape=hk)
+        rules += dense(f"{a}.to_out.0", (*path, attn, "to_out"), j, in_shape=hk)
+        norms = ["norm_q", "norm_k"]
+        if with_text:
+            for name in ("add_q_proj", "add_k_proj", "add_v_proj"):
+                rules += dense(f"{a}.{name}", (*path, attn, name), j, out_shape=hk)
+            if not pre_only:
+                rules += dense(f"{a}.to_add_out", (*path, attn, "to_add_out"), j, in_shape=hk)
+            norms += ["norm_added_q", "norm_added_k"]
+        if qk_norm:
+            rules += [rule(f"{a}.{n}.weight", (*path, attn, n, "scale"), j) for n in norms]
+    rules += dense(f"{src}.norm1.linear", (*path, "norm1", "linear"), j)
+    if joint:
+        rules += dense(f"{src}.norm1_context.linear", (*path, "norm1_context", "linear"), j)
+    streams = ["ff"] + ([] if pre_only or not joint else ["ff_context"])
+    for name in streams:
+        rules += dense(f"{src}.{name}.net.0.proj", (*path, name, "fc1"), j)
+        rules += dense(f"{src}.{name}.net.2", (*path, name, "fc2"), j)
+    return rules
+
+
+def split_qkv(path: tuple[str, ...], names: tuple[str, str, str], j: int, hk, src: str) -> list[Rule]:
     def w_fwd(w):
         return w.T.reshape(w.shape[1], *hk)
 
@@ -137,9 +148,9 @@ def sai_rules(cfg: MMDiTConfig) -> list[Rule]:
         seg, j = _block_location(cfg, i)
         src, pre_only = f"joint_blocks.{i}", i == cfg.depth - 1
         xb, cb = f"{src}.x_block", f"{src}.context_block"
-        rules += _split_qkv((seg, "attn"), ("to_q", "to_k", "to_v"), j, hk, f"{xb}.attn")
+        rules += split_qkv((seg, "attn"), ("to_q", "to_k", "to_v"), j, hk, f"{xb}.attn")
         rules += dense(f"{xb}.attn.proj", (seg, "attn", "to_out"), j, in_shape=hk)
-        rules += _split_qkv((seg, "attn"), ("add_q_proj", "add_k_proj", "add_v_proj"), j, hk, f"{cb}.attn")
+        rules += split_qkv((seg, "attn"), ("add_q_proj", "add_k_proj", "add_v_proj"), j, hk, f"{cb}.attn")
         if not pre_only:
             rules += dense(f"{cb}.attn.proj", (seg, "attn", "to_add_out"), j, in_shape=hk)
         if cfg.qk_norm:
@@ -150,7 +161,7 @@ def sai_rules(cfg: MMDiTConfig) -> list[Rule]:
                 rule(f"{cb}.attn.ln_k.weight", (seg, "attn", "norm_added_k", "scale"), j),
             ]
         if i in cfg.dual_attention_layers:
-            rules += _split_qkv((seg, "attn2"), ("to_q", "to_k", "to_v"), j, hk, f"{xb}.attn2")
+            rules += split_qkv((seg, "attn2"), ("to_q", "to_k", "to_v"), j, hk, f"{xb}.attn2")
             rules += dense(f"{xb}.attn2.proj", (seg, "attn2", "to_out"), j, in_shape=hk)
             if cfg.qk_norm:
                 rules += [

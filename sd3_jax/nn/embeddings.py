@@ -52,10 +52,11 @@ class PatchEmbed(nn.Module):
 
     patch_size: int  # side of a square patch, in latent pixels
     features: int  # model width D
-    pos_embed_max_size: int  # side of the stored position table, in patches
+    pos_embed_max_size: int  # side of the stored position table, in patches; 0: no table (a plain conv)
     base_size: int  # sample_size // patch_size: sets the table's position scale at init
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,7 +65,7 @@ class PatchEmbed(nn.Module):
         h, w = height // p, width // p
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
+            nn.with_logical_partitioning(self.kernel_init, (None, None, "conv_in", "embed")),
             (p, p, c, self.features),
             self.param_dtype,
         )
@@ -74,6 +75,11 @@ class PatchEmbed(nn.Module):
             (self.features,),
             self.param_dtype,
         )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        patches = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * c)
+        tokens = patches @ kernel.reshape(p * p * c, self.features) + bias
+        if not m:
+            return tokens
         table = self.param(
             "pos_embed",
             nn.with_logical_partitioning(
@@ -83,9 +89,6 @@ class PatchEmbed(nn.Module):
             (1, m * m, self.features),
             self.param_dtype,
         )
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        patches = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * c)
-        tokens = patches @ kernel.reshape(p * p * c, self.features) + bias
         top, left = (m - h) // 2, (m - w) // 2
         pos = table.reshape(m, m, self.features)[top : top + h, left : left + w].reshape(1, h * w, -1)
         return tokens + pos.astype(tokens.dtype)

@@ -195,7 +195,9 @@ class JointBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, carry, temb: jax.Array, skip: jax.Array):
+    def __call__(self, carry, temb: jax.Array, skip: jax.Array, controls=None, control_index=None):
+        """`controls` (N, B, L_image, D), if given, are ControlNet residuals: residual `control_index` is
+        added to the image stream after the block (skipped or not), as diffusers does."""
         x, c = carry
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -237,6 +239,8 @@ class JointBlock(nn.Module):
             )
         x_new = jnp.where(skip, x, x_new.astype(x.dtype))
         c_new = jnp.where(skip, c, c_new.astype(c.dtype))
+        if controls is not None:
+            x_new = x_new + controls[control_index].astype(x.dtype)
         return (x_new, c_new), None
 
 
@@ -270,6 +274,7 @@ class MMDiT(nn.Module):
         context: jax.Array,
         pooled: jax.Array,
         skip_layers: Sequence[int] = (),
+        controls: jax.Array | None = None,
     ) -> jax.Array:
         """Velocity for latents x (B, H, W, C) at flow time t (B,) in [0, 1].
 
@@ -279,6 +284,9 @@ class MMDiT(nn.Module):
           context: (B, L, context_dim) text tokens.
           pooled: (B, pooled_dim) pooled text vector.
           skip_layers: indices of blocks to skip (skip-layer guidance).
+          controls: (N, B, L_image, D) ControlNet residuals (`sd3_jax.nn.controlnet`), spread over the
+            blocks as diffusers spreads them: block i adds residual int(i / (depth / N)), the last
+            (context-pre-only) block none.
         """
         cfg = self.config
         self.check_latent_shape(x.shape)
@@ -297,6 +305,11 @@ class MMDiT(nn.Module):
         c = c.astype(h.dtype)
 
         for k, (start, stop, dual, pre_only) in enumerate(cfg.segments()):
+            skip = jnp.array([i in skip_layers for i in range(start, stop)])
+            extra = ()
+            if controls is not None and not pre_only:  # diffusers adds none after the last block
+                per_block = cfg.depth / controls.shape[0]
+                extra = (controls, jnp.array([int(i / per_block) for i in range(start, stop)], jnp.int32))
             block = JointBlock
             if cfg.remat != "none":
                 block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -304,11 +317,10 @@ class MMDiT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast, 0, nn.broadcast, 0)[: 2 + len(extra)],
                 length=stop - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            skip = jnp.array([i in skip_layers for i in range(start, stop)])
             (h, c), _ = stack(
                 num_heads=cfg.num_heads,
                 head_dim=cfg.head_dim,
@@ -319,7 +331,7 @@ class MMDiT(nn.Module):
                 backend=cfg.attention,
                 name=f"blocks_{k}",
                 **kw,
-            )((h, c), temb, skip)
+            )((h, c), temb, skip, *extra)
 
         scale, shift = AdaLNModulation(2, d, name="norm_out", **kw)(temb)
         h = modulate(LayerNorm(eps=1e-6)(h), shift, scale)

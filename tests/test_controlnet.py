@@ -1,0 +1,208 @@
+"""ControlNet parity with diffusers' SD3ControlNetModel (both styles, multi-ControlNet), its residuals in the
+MMDiT, both checkpoint layouts, parameter counts and bad files."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MMDIT, assert_close_rel, randomize_, torch_state_dict_numpy
+from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+from diffusers.models.controlnets.controlnet_sd3 import SD3MultiControlNetModel
+
+from sd3_jax.convert.controlnet import export_controlnet, read_controlnet
+from sd3_jax.convert.mapping import CheckpointError
+from sd3_jax.convert.mmdit import load_mmdit
+from sd3_jax.nn.controlnet import ControlNet
+from sd3_jax.nn.mmdit import MMDiT
+
+# The SD3 Medium style (InstantX / alimama: own position table, joint blocks, here with qk-norm, an MMDiT-X
+# block and the inpainting mask channel) and the SD3.5 Large style (single-stream, the MMDiT's pos_embed).
+JOINT = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20,
+    pos_embed_max_size=12, extra_conditioning_channels=1, qk_norm="rms_norm", dual_attention_layers=(0,),
+)  # fmt: skip
+SINGLE = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=None, caption_projection_dim=32, pooled_projection_dim=20,
+    pos_embed_max_size=None, pos_embed_type=None, use_pos_embed=False,
+    force_zeros_for_pooled_projection=False,
+)  # fmt: skip
+BASE = dict(TINY_MMDIT, num_layers=4)  # 4 blocks: residuals spread over them unevenly for 3 nets' blocks
+
+
+def make(cls, config, seed):
+    torch.manual_seed(seed)
+    model = cls(**config).eval()
+    randomize_(model, seed)  # controlnet_blocks and pos_embed_input too: zero-init would hide mapping bugs
+    return model
+
+
+def inputs(batch=2, h=10, w=6, extra=1, seed=1):
+    r = np.random.default_rng(seed)
+    f = lambda *s: r.standard_normal(s).astype(np.float32)
+    return dict(
+        x=f(batch, h, w, 4),
+        cond=f(batch, h, w, 4 + extra),
+        t=np.linspace(0.1, 0.9, batch).astype(np.float32),
+        ctx=f(batch, 7, 24),
+        pooled=f(batch, 20),
+    )
+
+
+def nchw(a):
+    return torch.from_numpy(a).permute(0, 3, 1, 2)
+
+
+def reference_residuals(net, base, a, scale):
+    """diffusers' residuals, the single-stream net fed the transformer's pos_embed as its pipeline does."""
+    with torch.no_grad():
+        joint = net.config.joint_attention_dim is not None
+        x = nchw(a["x"]) if joint else base.pos_embed(nchw(a["x"]))
+        out = net(
+            hidden_states=x,
+            controlnet_cond=nchw(a["cond"]),
+            conditioning_scale=scale,
+            encoder_hidden_states=torch.from_numpy(a["ctx"]) if joint else None,
+            pooled_projections=torch.from_numpy(a["pooled"]),
+            timestep=torch.from_numpy(a["t"]) * 1000,
+            return_dict=False,
+        )[0]
+    return np.stack([o.numpy() for o in out])
+
+
+def ours_residuals(cfg, params, base_cfg, base_params, a, scale):
+    from sd3_jax.nn.embeddings import PatchEmbed
+
+    x = a["x"]
+    if not cfg.own_pos_embed:
+        p = base_cfg.patch_size
+        embed = PatchEmbed(p, base_cfg.width, base_cfg.pos_embed_max_size, base_cfg.sample_size // p)
+        x = embed.apply({"params": base_params["pos_embed"]}, x)
+    ctx = a["ctx"] if cfg.joint else None
+    return ControlNet(cfg).apply({"params": params}, x, a["cond"], a["t"], a["pooled"], ctx, scale)
+
+
+@pytest.mark.parametrize("style", ["joint", "single"])
+def test_residuals_and_controlled_velocity_match_diffusers(style):
+    """Residuals of one net, then the MMDiT's velocity with them: <= 1e-5 x max|reference|, fp32."""
+    conf = JOINT if style == "joint" else SINGLE
+    net, base = make(SD3ControlNetModel, conf, 1), make(SD3Transformer2DModel, BASE, 2)
+    cfg, params = read_controlnet(torch_state_dict_numpy(net), num_heads=2)
+    base_cfg, base_params = load_mmdit(torch_state_dict_numpy(base), num_heads=2)
+    assert cfg.joint == (style == "joint") and cfg.own_pos_embed == (style == "joint")
+    a = inputs(extra=1 if style == "joint" else 0)
+    ref = reference_residuals(net, base, a, 0.7)
+    ours = ours_residuals(cfg, params, base_cfg, base_params, a, 0.7)
+    assert_close_rel(ours, ref, 1e-5, "residuals")
+
+    with torch.no_grad():
+        v_ref = (
+            base(
+                hidden_states=nchw(a["x"]),
+                encoder_hidden_states=torch.from_numpy(a["ctx"]),
+                pooled_projections=torch.from_numpy(a["pooled"]),
+                timestep=torch.from_numpy(a["t"]) * 1000,
+                block_controlnet_hidden_states=[torch.from_numpy(r) for r in ref],
+            )
+            .sample.permute(0, 2, 3, 1)
+            .numpy()
+        )
+    v = MMDiT(base_cfg).apply({"params": base_params}, a["x"], a["t"], a["ctx"], a["pooled"], controls=ours)
+    v_plain = MMDiT(base_cfg).apply({"params": base_params}, a["x"], a["t"], a["ctx"], a["pooled"])
+    assert np.abs(np.asarray(v) - np.asarray(v_plain)).max() > 1e-2 * np.abs(v_ref).max()  # they steer
+    assert_close_rel(v, v_ref, 1e-5, "velocity with residuals")
+
+
+def test_multi_controlnet_sums_scaled_residuals_as_diffusers():
+    nets = [make(SD3ControlNetModel, dict(JOINT, extra_conditioning_channels=0), s) for s in (3, 4)]
+    base = make(SD3Transformer2DModel, BASE, 2)
+    base_cfg, base_params = load_mmdit(torch_state_dict_numpy(base), num_heads=2)
+    a = inputs(extra=0)
+    conds = [a["cond"], inputs(extra=0, seed=5)["cond"]]
+    scales = [0.6, 1.3]
+    with torch.no_grad():
+        ref = SD3MultiControlNetModel(nets)(
+            hidden_states=nchw(a["x"]),
+            controlnet_cond=[nchw(c) for c in conds],
+            conditioning_scale=scales,
+            pooled_projections=torch.from_numpy(a["pooled"]),
+            encoder_hidden_states=torch.from_numpy(a["ctx"]),
+            timestep=torch.from_numpy(a["t"]) * 1000,
+            return_dict=False,
+        )[0]
+    ref = np.stack([r.numpy() for r in ref])
+    ours = 0
+    for net, cond, scale in zip(nets, conds, scales):
+        cfg, params = read_controlnet(torch_state_dict_numpy(net), num_heads=2)
+        ours = ours + ours_residuals(cfg, params, base_cfg, base_params, dict(a, cond=cond), scale)
+    assert_close_rel(ours, ref, 1e-5, "summed residuals")
+
+
+def test_stability_layout_loads_to_the_diffusers_params_and_exports_back_bitwise():
+    """A file in Stability's layout, built from diffusers' names by inverting diffusers' conversion script
+    (fused qkv, attn.proj, mlp.fc1/fc2, adaLN_modulation.1), loads to the same params as the diffusers
+    state dict; both export back bit for bit."""
+    net = make(SD3ControlNetModel, SINGLE, 6)
+    sd = torch_state_dict_numpy(net)
+    sai = {}
+    for k, v in sd.items():
+        m = k.split(".")
+        if m[0] == "transformer_blocks" and m[2] == "attn" and m[3] in ("to_q", "to_k", "to_v"):
+            if m[3] == "to_q":
+                p = ".".join(m[:3])
+                parts = [sd[f"{p}.{n}.{m[-1]}"] for n in ("to_q", "to_k", "to_v")]
+                sai[f"{p}.qkv.{m[-1]}"] = np.concatenate(parts)
+            continue
+        k = k.replace(".attn.to_out.0.", ".attn.proj.").replace(".ff.net.0.proj.", ".mlp.fc1.")
+        k = k.replace(".ff.net.2.", ".mlp.fc2.").replace(".norm1.linear.", ".adaLN_modulation.1.")
+        sai[k] = v
+    cfg_d, params_d = read_controlnet(sd, num_heads=2)
+    cfg_s, params_s = read_controlnet(sai, num_heads=2)
+    assert cfg_d == cfg_s
+    jax.tree.map(np.testing.assert_array_equal, params_d, params_s)
+    for layout, src in (("diffusers", sd), ("sai", sai)):
+        back = export_controlnet(params_d, cfg_d, layout)
+        assert sorted(back) == sorted(src)
+        for k in src:
+            assert back[k].dtype == src[k].dtype and np.array_equal(back[k], src[k]), k
+
+
+@pytest.mark.parametrize(
+    "preset, conf",
+    [
+        ("sd35_large", dict(SINGLE, num_layers=19, num_attention_heads=38, attention_head_dim=64,
+                            pooled_projection_dim=2048, in_channels=16, out_channels=16)),
+        ("sd3_medium", dict(JOINT, num_layers=12, num_attention_heads=24, attention_head_dim=64,
+                            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                            in_channels=16, out_channels=16, sample_size=128, pos_embed_max_size=192,
+                            extra_conditioning_channels=0, qk_norm=None, dual_attention_layers=())),
+    ],
+)  # fmt: skip
+def test_released_shapes_have_diffusers_parameter_counts(preset, conf):
+    from sd3_jax.convert.controlnet import abstract_params
+    from sd3_jax.nn.controlnet import ControlNetConfig
+
+    with torch.device("meta"):
+        ref = SD3ControlNetModel(**conf)
+    n_ref = sum(p.numel() for p in ref.parameters())
+    n_ref += sum(b.numel() for n, b in ref.named_buffers() if n.endswith("pos_embed"))  # the table is a param
+    ours = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(getattr(ControlNetConfig, preset)()))
+    )
+    assert ours == n_ref
+
+
+def test_bad_controlnet_files_are_named():
+    net = make(SD3ControlNetModel, SINGLE, 6)
+    sd = torch_state_dict_numpy(net)
+    with pytest.raises(CheckpointError, match="not an SD3 ControlNet"):
+        read_controlnet({k: v for k, v in sd.items() if not k.startswith("controlnet_blocks.0.")})
+    missing = {k: v for k, v in sd.items() if k != "transformer_blocks.1.attn.to_k.bias"}
+    with pytest.raises(CheckpointError, match="transformer_blocks.1.attn.to_k.bias"):
+        read_controlnet(missing, num_heads=2)
+    bad = dict(sd, **{"controlnet_blocks.2.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(CheckpointError, match="controlnet_blocks.2.weight"):
+        read_controlnet(bad, num_heads=2)
