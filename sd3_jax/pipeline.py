@@ -38,7 +38,17 @@ def _tick(i: int) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "sampler", "use_cfg", "slg_layers", "slg_scale", "slg_start", "slg_stop"),
+    static_argnames=(
+        "config",
+        "sampler",
+        "use_cfg",
+        "slg_layers",
+        "slg_scale",
+        "slg_start",
+        "slg_stop",
+        "control_nets",
+        "control_inpaint",
+    ),
 )
 def denoise(
     params: Any,
@@ -49,10 +59,13 @@ def denoise(
     scale: jax.Array,
     adapters: Sequence[Any] = (),
     inpaint: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    controls: tuple[Any, jax.Array] | None = None,
     *,
     config: MMDiTConfig,
     sampler: str,
     use_cfg: bool,
+    control_nets: tuple[Any, ...] = (),
+    control_inpaint: tuple[bool, ...] = (),
     slg_layers: tuple[int, ...] = (),
     slg_scale: float = 0.0,
     slg_start: float = 0.01,
@@ -62,7 +75,9 @@ def denoise(
 
     `adapters` are (Lora, strength) pairs applied inside the jit, so the stored params never change.
     `inpaint`, (clean latents, initial noise, latent mask), keeps the unmasked region on the image's own
-    noising path (`samplers.inpaint_blend`).
+    noising path (`samplers.inpaint_blend`). `controls`, (the nets' params, their (steps, nets) scale
+    table), with static `control_nets` (their configs) and `control_inpaint`, adds ControlNet residuals
+    (`sd3_jax.controlnet`); their control latents are `cond["control"]` and `uncond["control"]`.
     """
     model = MMDiT(config)
     if adapters:
@@ -73,22 +88,33 @@ def denoise(
     def model_fn(x, sigma, context, pooled, skip_layers=()):
         return model.apply({"params": params}, x, sigma, context, pooled, skip_layers=skip_layers)
 
-    if not use_cfg:
-        vf = smp.with_cond(model_fn, **cond)
-    elif slg_layers:
-        vf = smp.skip_layer_cfg(
-            model_fn,
-            scale,
-            cond,
-            uncond,
-            num_steps=sigmas.shape[0] - 1,
-            skip_layers=slg_layers,
-            slg_scale=slg_scale,
-            start=slg_start,
-            stop=slg_stop,
-        )
-    else:
-        vf = smp.cfg(model_fn, scale, cond, uncond)
+    def guided(model_fn):
+        if not use_cfg:
+            return smp.with_cond(model_fn, **cond)
+        if slg_layers:
+            return smp.skip_layer_cfg(
+                model_fn,
+                scale,
+                cond,
+                uncond,
+                num_steps=sigmas.shape[0] - 1,
+                skip_layers=slg_layers,
+                slg_scale=slg_scale,
+                start=slg_start,
+                stop=slg_stop,
+            )
+        return smp.cfg(model_fn, scale, cond, uncond)
+
+    vf = guided(model_fn)
+    if control_nets:
+        from sd3_jax.controlnet import controlled_model_fn
+
+        net_params, table = controls
+        with_nets = controlled_model_fn(config, params, control_nets, net_params, control_inpaint)
+
+        def vf(x, sigma, step):  # the step's scales: a model function per step, bound inside the loop
+            return guided(functools.partial(with_nets, scales=table[step]))(x, sigma, step)
+
     after = smp.inpaint_blend(*inpaint, sigmas) if inpaint is not None else None
     return smp.SAMPLERS[sampler](vf, x, sigmas, progress=_tick, after_step=after)
 
@@ -289,6 +315,7 @@ class SD3Pipeline:
         output: str = "uint8",
         vae_tile: int | None = None,
         adapters: Sequence[tuple[Any, float]] = (),
+        controls: Sequence[Any] = (),
         progress: bool = True,
     ) -> np.ndarray:
         """Samples images for `prompt`.
@@ -316,6 +343,8 @@ class SD3Pipeline:
           vae_tile: decode in tiles of this many latent pixels (bounded memory for large images).
           adapters: LoRA adapters as (sd3_jax.lora.Lora, strength) pairs, applied without merging
             (`sd3_jax.convert.lora.import_lora` reads diffusers, kohya and ComfyUI files).
+          controls: ControlNets steering the run, `sd3_jax.controlnet.Control`s (several: their residuals
+            are summed, as diffusers' SD3MultiControlNetModel does).
         """
         d = self.defaults
         height = d["height"] if height is None else height
@@ -387,6 +416,25 @@ class SD3Pipeline:
         uncond = (
             {"context": neg_embeds.astype(dtype), "pooled": neg_pooled.astype(dtype)} if use_cfg else None
         )
+        net_args, nets, net_inpaint = None, (), ()
+        if controls:
+            from sd3_jax import controlnet as cn
+
+            for c in controls:
+                c.net.config.check_base(self.transformer_config)
+            latent = tuple(
+                cn.control_latents(c, n, (height, width), self.vae_params, self.vae_config).astype(dtype)
+                for c in controls
+            )
+            cond["control"] = latent
+            if uncond is not None:
+                uncond["control"] = latent
+            net_args = (
+                tuple(c.net.params for c in controls),
+                jnp.asarray(cn.scale_table(controls, len(sigmas) - 1)),
+            )
+            nets = tuple(c.net.config.replace(dtype=self.transformer_config.dtype) for c in controls)
+            net_inpaint = tuple(c.mask is not None for c in controls)
         slg = tuple(int(i) for i in skip_guidance_layers) if skip_guidance_layers and use_cfg else ()
         bar = None
         if progress:
@@ -407,9 +455,12 @@ class SD3Pipeline:
                 jnp.float32(guidance_scale),
                 tuple((a, jnp.float32(w)) for a, w in adapters),
                 inpaint,
+                net_args,
                 config=self.transformer_config,
                 sampler=sampler,
                 use_cfg=use_cfg,
+                control_nets=nets,
+                control_inpaint=net_inpaint,
                 slg_layers=slg,
                 slg_scale=float(skip_layer_guidance_scale) if slg else 0.0,
                 slg_start=float(skip_layer_guidance_start),

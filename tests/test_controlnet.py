@@ -206,3 +206,139 @@ def test_bad_controlnet_files_are_named():
     bad = dict(sd, **{"controlnet_blocks.2.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(CheckpointError, match="controlnet_blocks.2.weight"):
         read_controlnet(bad, num_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ControlNet pipelines against diffusers', on a tiny SD3 pipeline with a 3-block transformer.
+
+PROMPT = ["a photo of a cat", "an astronaut riding a horse on the moon"]
+SIZE = 8
+TINY_NET = dict(
+    sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+    num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40,
+    pos_embed_max_size=8,
+)  # fmt: skip
+TINY_SINGLE = dict(TINY_NET, joint_attention_dim=None, pos_embed_max_size=None, pos_embed_type=None,
+                   use_pos_embed=False, force_zeros_for_pooled_projection=False, num_layers=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_cn(tmp_path_factory):
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_components import make_tiny_sd3_components
+
+    from sd3_jax.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_cn")
+    components = make_tiny_sd3_components(seed=0)
+    base = dict(components["transformer"].config)
+    base = {k: v for k, v in base.items() if not k.startswith("_")}
+    components["transformer"] = make(SD3Transformer2DModel, dict(base, num_layers=3), 7)
+    pipe = StableDiffusion3Pipeline(**components)
+    pipe.save_pretrained(root / "diffusers")
+    assert main(["convert", str(root / "diffusers"), "--out", str(root / "ckpt"), "--dtype", "fp32",
+                 "--no-progress"]) == 0  # fmt: skip
+    nets = {
+        "joint": make(SD3ControlNetModel, TINY_NET, 8),
+        "joint2": make(SD3ControlNetModel, TINY_NET, 11),
+        "single": make(SD3ControlNetModel, TINY_SINGLE, 9),
+        "inpaint": make(SD3ControlNetModel, dict(TINY_NET, extra_conditioning_channels=1), 10),
+    }
+    for name, net in nets.items():
+        net.save_pretrained(root / name)
+    return root, pipe, nets
+
+
+@pytest.fixture
+def mean_encode(monkeypatch):
+    """diffusers' ControlNet pipelines sample the VAE posterior; sd3-jax encodes its mean."""
+    from diffusers.models.autoencoders import vae as vae_mod
+
+    monkeypatch.setattr(
+        vae_mod.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode()
+    )
+
+
+def _decode(pipe, z):
+    with torch.no_grad():
+        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+    return pipe.image_processor.postprocess(x, output_type="np")
+
+
+@pytest.mark.parametrize("which", ["joint", "single", "multi"])
+def test_controlnet_pipeline_matches_diffusers(tiny_cn, mean_encode, which):
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    from sd3_jax.controlnet import Control, load_controlnet
+    from sd3_jax.pipeline import SD3Pipeline
+
+    root, pipe, nets = tiny_cn
+    rng = np.random.default_rng(3)
+    names = ["joint", "joint2"] if which == "multi" else [which]  # diffusers' multi takes one kind of net
+    images = [rng.uniform(0, 1, (SIZE, SIZE, 3)).astype(np.float32) for _ in names]
+    scales, starts, ends = [0.8, 1.2][: len(names)], [0.0, 0.25][: len(names)], [1.0, 0.75][: len(names)]
+    lat = torch.randn((2, 4, SIZE, SIZE), generator=torch.Generator().manual_seed(0))
+    comps = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    ref_pipe = StableDiffusion3ControlNetPipeline(**comps, controlnet=[nets[n] for n in names])
+    kw = dict(num_inference_steps=4, guidance_scale=4.0, height=SIZE, width=SIZE)
+    z = ref_pipe(
+        PROMPT,
+        control_image=[torch.from_numpy(i).permute(2, 0, 1)[None] * 2 - 1 for i in images],
+        controlnet_conditioning_scale=scales,
+        control_guidance_start=starts,
+        control_guidance_end=ends,
+        latents=lat.clone(),
+        output_type="latent",
+        **kw,
+    ).images
+    ref = _decode(pipe, z)
+
+    ours = SD3Pipeline.load(str(root / "ckpt"))
+    controls = [
+        Control(load_controlnet(str(root / n)), i, s, a, b)
+        for n, i, s, a, b in zip(names, images, scales, starts, ends)
+    ]
+    args = dict(prompt=PROMPT, steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, output="float", progress=False,
+                latents=lat.permute(0, 2, 3, 1).numpy())  # fmt: skip
+    got = ours.generate(controls=controls, **args)
+    err = np.abs(got - ref).max()
+    assert err <= 5e-3, err
+    plain = ours.generate(**args)
+    assert np.abs(plain - ref).max() > 0.02  # the controls matter
+
+
+def test_controlnet_inpainting_pipeline_matches_diffusers(tiny_cn, mean_encode):
+    from diffusers import StableDiffusion3ControlNetInpaintingPipeline
+    from PIL import Image
+
+    from sd3_jax.controlnet import Control, load_controlnet
+    from sd3_jax.pipeline import SD3Pipeline
+
+    root, pipe, nets = tiny_cn
+    rng = np.random.default_rng(4)
+    image = rng.uniform(0, 1, (SIZE, SIZE, 3)).astype(np.float32)
+    mask = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))  # greys: binarized at 0.5
+    lat = torch.randn((2, 4, SIZE, SIZE), generator=torch.Generator().manual_seed(1))
+    comps = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    ref_pipe = StableDiffusion3ControlNetInpaintingPipeline(**comps, controlnet=nets["inpaint"])
+    z = ref_pipe(
+        PROMPT,
+        control_image=torch.from_numpy(image).permute(2, 0, 1)[None] * 2 - 1,
+        control_mask=mask,
+        controlnet_conditioning_scale=0.9,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        height=SIZE,
+        width=SIZE,
+        latents=lat.clone(),
+        output_type="latent",
+    ).images
+    ref = _decode(pipe, z)
+    ours = SD3Pipeline.load(str(root / "ckpt"))
+    got = ours.generate(
+        prompt=PROMPT, steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, output="float", progress=False,
+        latents=lat.permute(0, 2, 3, 1).numpy(),
+        controls=[Control(load_controlnet(str(root / "inpaint")), image, 0.9, mask=mask)],
+    )  # fmt: skip
+    err = np.abs(got - ref).max()
+    assert err <= 5e-3, err
