@@ -298,8 +298,8 @@ def test_controlnet_pipeline_matches_diffusers(tiny_cn, mean_encode, which):
         Control(load_controlnet(str(root / n)), i, s, a, b)
         for n, i, s, a, b in zip(names, images, scales, starts, ends)
     ]
-    args = dict(prompt=PROMPT, steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, output="float", progress=False,
-                latents=lat.permute(0, 2, 3, 1).numpy())  # fmt: skip
+    args = dict(prompt=PROMPT, steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, output="float",
+                progress=False, latents=lat.permute(0, 2, 3, 1).numpy())  # fmt: skip
     got = ours.generate(controls=controls, **args)
     err = np.abs(got - ref).max()
     assert err <= 5e-3, err
