@@ -74,23 +74,18 @@ class Control:
 
 
 def load_controlnet(source: str, dtype: Any = None, attention: str | None = None) -> ControlNetModel:
-    """A ControlNet from an sd3-jax checkpoint, a diffusers ControlNet folder or `.safetensors`, or a
-    Stability SD3.5 ControlNet file (converted in memory; nothing is written)."""
-    import os
+    """A ControlNet from an sd3-jax checkpoint (`sd3-jax convert` of one, or a ControlNet training workdir),
+    a diffusers ControlNet folder, or a `.safetensors` in diffusers' or Stability's SD3.5 layout (PyTorch
+    layouts are converted in memory; nothing is written). `attention` picks its attention backend."""
+    from sd3_jax.convert.mapping import CheckpointError
+    from sd3_jax.convert.opened import open_source
 
-    from sd3_jax.convert.controlnet import read_controlnet
-    from sd3_jax.convert.orbax_io import MANIFEST
-
-    over = {} if attention is None else {"attention": attention}
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, MANIFEST)):
-        from sd3_jax.convert.pipeline_io import load_component
-
-        cfg, params = load_component(source, "controlnet", dtype=dtype)
-        return ControlNetModel(cfg.replace(**over), params)
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    cfg, params = read_controlnet(source, dtype=dtype, **over)
-    return ControlNetModel(cfg, jax.device_put(params))
+    opened = open_source(source)
+    have = opened.manifest["components"]
+    if "controlnet" not in have:
+        raise CheckpointError(f"{source}: not a ControlNet (it holds {', '.join(have) or 'nothing'})")
+    cfg, params = opened.load("controlnet", dtype, None)
+    return ControlNetModel(cfg if attention is None else cfg.replace(attention=attention), params)
 
 
 def _images(image: Any, n: int, size: tuple[int, int]) -> np.ndarray:

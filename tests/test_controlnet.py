@@ -342,3 +342,57 @@ def test_controlnet_inpainting_pipeline_matches_diffusers(tiny_cn, mean_encode):
     )  # fmt: skip
     err = np.abs(got - ref).max()
     assert err <= 5e-3, err
+
+
+def test_convert_export_round_trips_and_diffusers_loads_the_export(tiny_cn, tmp_path, capsys):
+    """diffusers folder and Stability file -> `sd3-jax convert` (Orbax) -> `sd3-jax export` in the same
+    layout: every tensor bit for bit, and diffusers' `SD3ControlNetModel.from_pretrained` loads the export
+    (config included) to the same weights; a joint net refuses Stability's layout in one line."""
+    from safetensors.numpy import load_file, save_file
+
+    from sd3_jax.cli import main
+
+    root, _, nets = tiny_cn
+    for name in ("joint", "single", "inpaint"):
+        ckpt = tmp_path / f"{name}_ckpt"
+        assert (
+            main(["convert", str(root / name), "--out", str(ckpt), "--dtype", "fp32", "--no-progress"]) == 0
+        )
+        out = tmp_path / f"{name}_export"
+        assert main(["export", str(ckpt), "--format", "diffusers", "--out", str(out)]) == 0
+        src = load_file(root / name / "diffusion_pytorch_model.safetensors")
+        back = load_file(out / "diffusion_pytorch_model.safetensors")
+        assert sorted(back) == sorted(src)
+        assert all(back[k].dtype == src[k].dtype and np.array_equal(back[k], src[k]) for k in src)
+        reloaded = SD3ControlNetModel.from_pretrained(out).eval()
+        assert (
+            reloaded.config.force_zeros_for_pooled_projection
+            == nets[name].config.force_zeros_for_pooled_projection
+        )
+        assert reloaded.config.extra_conditioning_channels == nets[name].config.extra_conditioning_channels
+        got = torch_state_dict_numpy(reloaded)
+        assert sorted(got) == sorted(src) and all(np.array_equal(got[k], src[k]) for k in src)
+    # Stability's layout (single-stream nets): a file named and laid out as sd3.5_large_controlnet_*.
+    sai = tmp_path / "sd3.5_tiny_controlnet_canny.safetensors"
+    assert main(["export", str(tmp_path / "single_ckpt"), "--format", "sai", "--out", str(sai)]) == 0
+    stab = load_file(sai)
+    assert any(k.endswith(".attn.qkv.weight") for k in stab) and not any(".to_q." in k for k in stab)
+    ckpt2 = tmp_path / "from_sai"  # the head width (8 here, 64 in released nets) rides in the metadata
+    assert main(["convert", str(sai), "--out", str(ckpt2), "--dtype", "fp32", "--no-progress"]) == 0
+    out2 = tmp_path / "sai_again.safetensors"
+    assert main(["export", str(ckpt2), "--format", "sai", "--out", str(out2)]) == 0
+    again = load_file(out2)
+    assert sorted(again) == sorted(stab) and all(np.array_equal(again[k], stab[k]) for k in stab)
+    save_file(stab, tmp_path / "plain.safetensors")  # without sd3-jax's metadata: shapes and num_heads
+    cfg_a, p_a = read_controlnet(str(root / "single"))
+    cfg_b, p_b = read_controlnet(str(tmp_path / "plain.safetensors"), num_heads=2)
+    assert cfg_a == cfg_b.replace(sample_size=8)  # no table of its own: the sample size is only config
+    jax.tree.map(np.testing.assert_array_equal, p_a, p_b)
+    capsys.readouterr()
+    assert (
+        main(["export", str(tmp_path / "joint_ckpt"), "--format", "sai", "--out", str(tmp_path / "x.sft")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "single-stream" in err[0], err
+    assert not (tmp_path / "x.sft").exists()

@@ -13,26 +13,30 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sd3_jax.convert import controlnet as cn_convert
 from sd3_jax.convert import mmdit as mmdit_convert
 from sd3_jax.convert import orbax_io
 from sd3_jax.convert import text_encoders as te
 from sd3_jax.convert import vae as vae_convert
 from sd3_jax.convert.mapping import CheckpointError, Rule, TensorSource, open_tensors
 from sd3_jax.nn.clip import CLIPConfig
+from sd3_jax.nn.controlnet import ControlNetConfig
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.nn.t5 import T5Config
 from sd3_jax.nn.vae import VAEConfig
 
 # Component directory names, as diffusers names its subfolders.
 KIND_OF = {"transformer": "mmdit", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "clip",
-           "text_encoder_3": "t5"}  # fmt: skip
-CONFIG_CLASS = {"mmdit": MMDiTConfig, "vae": VAEConfig, "clip": CLIPConfig, "t5": T5Config}
+           "text_encoder_3": "t5", "controlnet": "controlnet"}  # fmt: skip
+CONFIG_CLASS = {"mmdit": MMDiTConfig, "vae": VAEConfig, "clip": CLIPConfig, "t5": T5Config,
+                "controlnet": ControlNetConfig}  # fmt: skip
 assert set(CONFIG_CLASS) < set(orbax_io.KINDS)  # what read_manifest accepts
 ABSTRACT = {
     "mmdit": mmdit_convert.abstract_params,
     "vae": vae_convert.abstract_params,
     "clip": te.clip_abstract,
     "t5": te.t5_abstract,
+    "controlnet": cn_convert.abstract_params,
 }
 # Stability single-file prefixes.
 SAI_PREFIXES = {
@@ -71,6 +75,14 @@ UNSEEN_FIELDS = {
     "vae": ("norm_groups", "norm_eps", "scaling_factor", "shift_factor"),
     "clip": ("heads", "act", "eps", "eos_token_id"),
     "t5": ("max_distance", "act", "eps"),
+    "controlnet": (
+        "num_heads",
+        "head_dim",
+        "sample_size",
+        "in_channels",
+        "extra_channels",
+        "force_zeros_for_pooled",
+    ),
 }
 METADATA_KEY = "sd3_jax.config.{}"
 
@@ -102,6 +114,12 @@ def plan_component(component: str, src: TensorSource, folder: str | None = None)
         cfg = vae_convert.infer_config(src, layout, **{**recorded, **fields})
         rules = vae_convert.diffusers_rules(cfg) if layout == "diffusers" else vae_convert.sai_rules(cfg)
         what = f"VAE {layout} layout"
+    elif kind == "controlnet":
+        layout = cn_convert.detect_layout(src)
+        fields = cn_convert.config_from_diffusers(cfg_json) if cfg_json else {}
+        cfg = cn_convert.infer_config(src, layout, **{**recorded, **fields})
+        rules = cn_convert.diffusers_rules(cfg) if layout == "diffusers" else cn_convert.sai_rules(cfg)
+        what = f"ControlNet {layout} layout"
     elif kind == "clip":
         cfg, prefix = te.clip_config_from(src, cfg_json)
         cfg = dataclasses.replace(cfg, **recorded) if recorded and not cfg_json else cfg
@@ -119,6 +137,8 @@ def plan_component(component: str, src: TensorSource, folder: str | None = None)
 def _guess_bare(src: TensorSource) -> str:
     """Which component a file without single-file prefixes holds."""
     keys = src.keys()
+    if cn_convert.is_controlnet(keys):
+        return "controlnet"
     if any(k.startswith(("joint_blocks.", "transformer_blocks.")) for k in keys):
         return "transformer"
     if "encoder.conv_in.weight" in src or "decoder.conv_in.weight" in src:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sd3_jax.convert import components as comp
+from sd3_jax.convert import controlnet as cn_convert
 from sd3_jax.convert import mmdit as mmdit_convert
 from sd3_jax.convert import text_encoders as te
 from sd3_jax.convert import vae as vae_convert
@@ -22,6 +23,9 @@ from sd3_jax.convert.safetensors_io import write_safetensors
 
 def _rules_for_export(component: str, cfg: Any, layout: str) -> tuple[list, str]:
     kind = comp.KIND_OF[component]
+    if kind == "controlnet":
+        rules = cn_convert.diffusers_rules(cfg) if layout == "diffusers" else cn_convert.sai_rules(cfg)
+        return [r for r in rules if r.targets], ""  # Stability's ControlNet files have no prefix
     if kind == "mmdit":
         rules = mmdit_convert.diffusers_rules(cfg) if layout == "diffusers" else mmdit_convert.sai_rules(cfg)
     elif kind == "vae":
@@ -62,6 +66,8 @@ def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
         raise ValueError(f"--format must be diffusers or sai, got {fmt!r}")
     opened = open_source(ckpt, step)
     manifest = opened.manifest
+    if "controlnet" in manifest["components"]:
+        return _export_controlnet(opened, fmt, out)
 
     written = []
     if fmt == "sai":
@@ -134,3 +140,26 @@ def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(index, f, indent=1)
     return written
+
+
+def _export_controlnet(opened: Any, fmt: str, out: str) -> list[str]:
+    """A ControlNet as diffusers saves one (a folder with config.json and diffusion_pytorch_model.safetensors)
+    or as one Stability-layout file (single-stream nets)."""
+    import jax
+
+    cfg, params = opened.load("controlnet", None, None)
+    params = jax.device_get(params)
+    rules, _ = _rules_for_export("controlnet", cfg, fmt)
+    header, items = _stream(params, rules, comp.ABSTRACT["controlnet"](cfg), "")
+    if fmt == "sai":
+        if os.path.exists(out):
+            raise FileExistsError(f"{out} already exists")
+        meta = {"format": "pt", **comp.unseen_config("controlnet", cfg)}
+        write_safetensors(out, items, metadata=meta, shapes=header)
+        return [out]
+    with atomic_directory(out) as tmp:
+        path = os.path.join(tmp, "diffusion_pytorch_model.safetensors")
+        write_safetensors(path, items, metadata={"format": "pt"}, shapes=header)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cn_convert.config_to_diffusers(cfg), f, indent=1)
+    return ["controlnet"]

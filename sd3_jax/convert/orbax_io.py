@@ -258,7 +258,14 @@ def atomic_directory(out: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-KINDS = ("mmdit", "vae", "clip", "t5", "identity")  # a manifest's component kinds (components.CONFIG_CLASS)
+KINDS = (
+    "mmdit",
+    "vae",
+    "clip",
+    "t5",
+    "identity",
+    "controlnet",
+)  # a manifest's component kinds (components.CONFIG_CLASS)
 
 
 def write_manifest(directory: str, manifest: Mapping[str, Any]) -> None:

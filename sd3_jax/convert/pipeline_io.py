@@ -111,6 +111,8 @@ def plans(sources: Sequence[str]) -> tuple[list[comp.Plan], str | None, dict[str
                     scheduler = json.load(f)
         elif os.path.isdir(s) and all(os.path.isdir(os.path.join(s, t)) for t in TOKENIZERS[:2]):
             folder = s  # a folder of tokenizers only
+        elif os.path.isdir(s) and _controlnet_folder(s):
+            plans.append(comp.plan_component("controlnet", comp.open_tensors(s), s))
         elif os.path.isdir(s):
             raise CheckpointError(f"{s}: a folder without model_index.json is not a diffusers pipeline")
         else:
@@ -188,6 +190,15 @@ def convert(
     if bar is not None:
         bar.close()
     return summary
+
+
+def _controlnet_folder(folder: str) -> bool:
+    """Whether `folder` is a diffusers ControlNet (its config.json names SD3ControlNetModel)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("_class_name") == "SD3ControlNetModel"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def sampling_defaults(
