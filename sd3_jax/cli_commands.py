@@ -40,6 +40,45 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _controls(a: argparse.Namespace) -> list:
+    """`--controlnet PATH[:SCALE]` with `--control-image` (one each, in order), `--control-start`/`-end` (one
+    for all or one each) and `--control-mask` (for inpainting ControlNets)."""
+    from PIL import Image
+
+    from sd3_jax.controlnet import Control, load_controlnet
+
+    nets, imgs = a.controlnet or [], a.control_image or []
+    if len(nets) != len(imgs):
+        raise ValueError(f"give one --control-image per --controlnet: {len(nets)} nets, {len(imgs)} images")
+    if (a.control_start or a.control_end or a.control_mask) and not nets:
+        raise ValueError("--control-start, --control-end and --control-mask go with --controlnet")
+
+    def per_net(values, default, name):
+        values = values or [default]
+        if len(values) not in (1, len(nets)):
+            raise ValueError(f"--{name}: give one value, or one per --controlnet ({len(nets)})")
+        return values * len(nets) if len(values) == 1 else values
+
+    starts = per_net(a.control_start, 0.0, "control-start")
+    ends = per_net(a.control_end, 1.0, "control-end")
+    mask = None
+    if a.control_mask:
+        with Image.open(a.control_mask) as im:
+            mask = im.convert("L")
+    out = []
+    for spec, path, start, end in zip(nets, imgs, starts, ends):
+        where, _, scale = spec.rpartition(":") if not os.path.exists(spec) else (spec, "", "")
+        try:
+            scale = float(scale or 1.0)
+        except ValueError:
+            raise ValueError(f"--controlnet takes PATH[:SCALE], got {spec!r}") from None
+        net = load_controlnet(where or spec)
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        out.append(Control(net, image, scale, start, end, mask if net.config.extra_channels else None))
+    return out
+
+
 def _sample(a: argparse.Namespace) -> None:
     import jax.numpy as jnp
     import numpy as np
@@ -77,6 +116,9 @@ def _sample(a: argparse.Namespace) -> None:
     if a.mask:
         with Image.open(a.mask) as im:
             mask = np.asarray(im.convert("L"))
+    controls = _controls(a)
+    if controls and width is None and image is None:  # sampled at the (first) control image's size
+        width, height = controls[0].image.size
     images = pipe.generate(
         a.prompt,
         a.negative_prompt,
@@ -93,6 +135,7 @@ def _sample(a: argparse.Namespace) -> None:
         image=image,
         mask_image=mask,
         strength=a.strength,
+        controls=controls,
         progress=not a.no_progress,
     )
     base, ext = os.path.splitext(a.out)
@@ -225,6 +268,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--strength", type=float, default=0.6, help="with --image: how far the picture is noised (0-1]"
     )
+    s.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="steer with a ControlNet (sd3-jax checkpoint, diffusers folder or Stability file) at a scale; "
+        "repeatable, each with its --control-image",
+    )
+    s.add_argument("--control-image", action="append", help="the control picture of each --controlnet")
+    s.add_argument("--control-start", type=float, action="append", help="fraction of steps (one or each)")
+    s.add_argument("--control-end", type=float, action="append", help="fraction of steps (one or each)")
+    s.add_argument("--control-mask", help="inpainting ControlNets: repaint where this picture is white")
     s.add_argument("--out", default="sample.png")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_sample)

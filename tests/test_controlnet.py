@@ -396,3 +396,50 @@ def test_convert_export_round_trips_and_diffusers_loads_the_export(tiny_cn, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "single-stream" in err[0], err
     assert not (tmp_path / "x.sft").exists()
+
+
+def test_sample_cli_with_controlnets(tiny_cn, tmp_path, capsys):
+    """`sd3-jax sample --controlnet PATH:SCALE --control-image IMG` (twice) writes the image the API samples
+    with the same Controls; mismatched flags are one error line, exit 2, nothing written."""
+    from PIL import Image
+
+    from sd3_jax.cli import main
+    from sd3_jax.controlnet import Control, load_controlnet
+    from sd3_jax.pipeline import SD3Pipeline
+
+    root, _, _ = tiny_cn
+    rng = np.random.default_rng(7)
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"control{k}.png")
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "cn.png"
+    args = ["sample", "--checkpoint", str(root / "ckpt"), "--prompt", PROMPT[0], "--steps", "3", "--cfg", "3",
+            "--controlnet", f"{root / 'joint'}:0.7", "--control-image", str(paths[0]),
+            "--controlnet", str(root / "joint2"), "--control-image", str(paths[1]),
+            "--control-start", "0", "--control-end", "1", "--control-end", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    got = np.asarray(Image.open(out))
+    pipe = SD3Pipeline.load(str(root / "ckpt"))
+    controls = [
+        Control(load_controlnet(str(root / "joint")), Image.open(paths[0]), 0.7, 0.0, 1.0),
+        Control(load_controlnet(str(root / "joint2")), Image.open(paths[1]), 1.0, 0.0, 0.5),
+    ]
+    want = pipe.generate(PROMPT[0], steps=3, guidance_scale=3.0, height=SIZE, width=SIZE, controls=controls,
+                         progress=False)[0]  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    capsys.readouterr()
+    for bad, msg in [
+        (["--controlnet", str(root / "joint")], "one --control-image per --controlnet"),
+        (["--control-image", str(paths[0])], "one --control-image per --controlnet"),
+        (["--controlnet", f"{root / 'joint'}:x", "--control-image", str(paths[0])], "PATH[:SCALE]"),
+        (["--controlnet", str(root / "inpaint"), "--control-image", str(paths[0])], "give mask="),
+        (["--controlnet", str(root / "joint"), "--control-image", str(paths[0]), "--control-end", "2"],
+         "start <= end <= 1"),
+    ]:  # fmt: skip
+        bad_out = tmp_path / "bad.png"
+        base = ["sample", "--checkpoint", str(root / "ckpt"), "--prompt", "x", "--steps", "2"]
+        assert main(base + bad + ["--out", str(bad_out), "--no-progress"]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (bad, err)
+        assert not bad_out.exists()
