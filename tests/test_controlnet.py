@@ -417,7 +417,8 @@ def test_sample_cli_with_controlnets(tiny_cn, tmp_path, capsys):
     args = ["sample", "--checkpoint", str(root / "ckpt"), "--prompt", PROMPT[0], "--steps", "3", "--cfg", "3",
             "--controlnet", f"{root / 'joint'}:0.7", "--control-image", str(paths[0]),
             "--controlnet", str(root / "joint2"), "--control-image", str(paths[1]),
-            "--control-start", "0", "--control-end", "1", "--control-end", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+            "--control-start", "0", "--control-end", "1", "--control-end", "0.5",
+            "--out", str(out), "--no-progress"]  # fmt: skip
     assert main(args) == 0
     got = np.asarray(Image.open(out))
     pipe = SD3Pipeline.load(str(root / "ckpt"))
