@@ -116,21 +116,21 @@ def _images(image: Any, n: int, size: tuple[int, int]) -> np.ndarray:
 
 
 def control_latents(
-    control: Control, n: int, size: tuple[int, int], vae_params: Any, vae_config: Any
+    control: Control, n: int, size: tuple[int, int], encode: Any, vae_config: Any
 ) -> jax.Array:
-    """The control input of one net for n images of `size`: (n, h, w, in_channels + extra_channels)."""
-    from sd3_jax.pipeline import encode, latent_mask
+    """The control input of one net for n images of `size`, (n, h, w, in_channels + extra_channels);
+    `encode` maps images in [0, 1] to the VAE's scaled latents (`sd3_jax.pipeline.encode`)."""
+    from sd3_jax.images import latent_mask
 
     images = _images(control.image, n, size)
     cfg = control.net.config
     if control.mask is None:
-        z = encode(vae_params, jnp.asarray(images), config=vae_config)
+        z = encode(jnp.asarray(images))
         if cfg.force_zeros_for_pooled:  # InstantX's nets: encoded without the VAE's shift
             z = z + vae_config.shift_factor * vae_config.scaling_factor
         return z
     mask = latent_mask(control.mask, n, size, 1)  # binarized at the image's size
-    masked = np.where(mask > 0.5, 0.0, images)  # -1 in the VAE's [-1, 1]
-    z = encode(vae_params, jnp.asarray(masked), config=vae_config)
+    z = encode(jnp.asarray(np.where(mask > 0.5, 0.0, images)))  # masked pixels black: -1 to the VAE
     f = vae_config.factor
     return jnp.concatenate([z, jnp.asarray(1.0 - mask[:, ::f, ::f])], axis=-1)
 

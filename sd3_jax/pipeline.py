@@ -23,6 +23,7 @@ import numpy as np
 from sd3_jax.convert.orbax_io import config_from_json
 from sd3_jax.flow import samplers as smp
 from sd3_jax.flow import schedules
+from sd3_jax.images import latent_mask
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
 from sd3_jax.nn.vae import VAE, IdentityAEConfig, VAEConfig, scale_latents, unscale_latents
 
@@ -418,20 +419,20 @@ class SD3Pipeline:
         )
         net_args, nets, net_inpaint = None, (), ()
         if controls:
-            from sd3_jax import controlnet as cn
+            from sd3_jax.controlnet import control_latents, scale_table
 
             for c in controls:
                 c.net.config.check_base(self.transformer_config)
+            enc = functools.partial(encode, self.vae_params, config=self.vae_config)
             latent = tuple(
-                cn.control_latents(c, n, (height, width), self.vae_params, self.vae_config).astype(dtype)
-                for c in controls
+                control_latents(c, n, (height, width), enc, self.vae_config).astype(dtype) for c in controls
             )
             cond["control"] = latent
             if uncond is not None:
                 uncond["control"] = latent
             net_args = (
                 tuple(c.net.params for c in controls),
-                jnp.asarray(cn.scale_table(controls, len(sigmas) - 1)),
+                jnp.asarray(scale_table(controls, len(sigmas) - 1)),
             )
             nets = tuple(c.net.config.replace(dtype=self.transformer_config.dtype) for c in controls)
             net_inpaint = tuple(c.mask is not None for c in controls)
@@ -477,35 +478,6 @@ class SD3Pipeline:
         if output == "float":
             return images
         return (images * 255).round().astype(np.uint8)
-
-
-def latent_mask(mask: Any, n: int, size: tuple[int, int], factor: int) -> np.ndarray:
-    """An inpainting mask as diffusers' StableDiffusion3InpaintPipeline makes it: greyscale in [0, 1],
-    binarized at 0.5 (1 = repaint), nearest-resized to the latents (every `factor`-th pixel), repeated to `n`
-    images; (n, H / factor, W / factor, 1) float32."""
-    if hasattr(mask, "convert"):  # a PIL image
-        mask = np.asarray(mask.convert("L"))
-    m = np.asarray(mask)
-    if m.dtype == np.uint8:
-        m = m.astype(np.float32) / 255.0
-    elif m.dtype == bool or np.issubdtype(m.dtype, np.floating):
-        m = m.astype(np.float32)
-    else:
-        raise ValueError(f"mask_image must be uint8, bool or float, got {m.dtype}")
-    if m.ndim == 4 and m.shape[-1] == 1:
-        m = m[..., 0]
-    if m.ndim == 2:
-        m = m[None]
-    if m.ndim != 3 or m.shape[1:] != tuple(size):
-        raise ValueError(
-            f"mask_image must be {size[0]}x{size[1]} like the image, (N,) H, W (, 1); got {m.shape}"
-        )
-    if not np.isfinite(m).all():
-        raise ValueError("mask_image has NaN or infinite values")
-    if n % m.shape[0]:
-        raise ValueError(f"cannot repeat {m.shape[0]} masks for {n} prompts x images")
-    m = np.where(m < 0.5, 0.0, 1.0).astype(np.float32)[:, ::factor, ::factor, None]
-    return np.repeat(m, n // m.shape[0], axis=0)
 
 
 def _check_numbers(**checks: tuple[Any, float | None, float | None, type]) -> None:

@@ -3,6 +3,8 @@ MMDiT, both checkpoint layouts, parameter counts and bad files."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -444,3 +446,132 @@ def test_sample_cli_with_controlnets(tiny_cn, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (bad, err)
         assert not bad_out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training a ControlNet with `sd3-jax train --set adapter=controlnet`.
+
+
+@pytest.fixture(scope="module")
+def demo_base(tmp_path_factory):
+    """A demo-style checkpoint (3-block MMDiT, two tiny CLIPs, identity AE) and prepared shapes records with
+    a "control" array (the image's silhouette, pixels in [-1, 1])."""
+    from sd3_jax import demo
+    from sd3_jax.data import shapes
+    from sd3_jax.data.records import write_records
+    from sd3_jax.train.state import init_params
+
+    root = tmp_path_factory.mktemp("cn_base")
+    model = demo.model_config().replace(depth=3, num_heads=1, head_dim=32)
+    text = demo.text_encoders(str(root / "tok"))
+    params = jax.device_get(init_params(model, jax.random.key(0)))
+    r = np.random.default_rng(0)  # non-zero adaLN and output layers (flax inits them at zero)
+    params = jax.tree.map(lambda a: a + 0.02 * r.standard_normal(a.shape).astype(a.dtype), params)
+    demo.write_checkpoint(str(root / "ckpt"), params, text, str(root / "tok"), model)
+    for name, n, seed in (("shapes", 32, 0), ("shapes-val", 8, 1)):
+        ds = shapes.ShapesDataset(
+            seed=seed, size=demo.SIZE, length=n, two_objects_prob=0.0, size_word_prob=0.0
+        )
+        items = [ds[i] for i in range(n)]
+        images = np.stack([x["image"] for x in items])
+        examples = demo.encode_examples(text, images, [x["caption"] for x in items])
+        masks = (images.max(-1, keepdims=True) > 40).repeat(3, -1).astype(np.float16) * 2 - 1
+        write_records(str(root / name), [{**e, "control": m} for e, m in zip(examples, masks)], num_shards=1)
+    return root, model, params
+
+
+def cn_cfg(root, model, steps: int):
+    """test_finetune's LoRA run, training a 2-block ControlNet instead."""
+    import dataclasses
+
+    from test_finetune import lora_cfg
+
+    return dataclasses.replace(lora_cfg(root, steps), model=model, adapter="controlnet", controlnet_layers=2)
+
+
+def test_controlnet_init_from_base_is_diffusers_from_transformer(demo_base):
+    """The run's fresh state is diffusers' `SD3ControlNetModel.from_transformer(base, num_layers=2)` (the
+    base's patch embedding, embedders and first two blocks; zero controlnet blocks and input embedding)."""
+    from sd3_jax.convert.mmdit import config_to_diffusers, export_mmdit
+    from sd3_jax.sharding.mesh import MeshConfig, make_mesh
+    from sd3_jax.train.controlnet import create_controlnet_state
+    from sd3_jax.train.state import make_optimizer
+
+    root, model, params = demo_base
+    cfg = cn_cfg(root, model, 1)
+    conf = {k: v for k, v in config_to_diffusers(model).items() if not k.startswith("_")}
+    base = SD3Transformer2DModel(**conf)
+    base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in export_mmdit(params, model).items()})
+    ref = SD3ControlNetModel.from_transformer(base, num_layers=2, num_extra_conditioning_channels=0)
+    _, want = read_controlnet(torch_state_dict_numpy(ref), num_heads=1)
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    state = create_controlnet_state(cfg, make_optimizer(cfg.optim, 1), mesh, jax.random.key(3), params)
+    got = jax.device_get(state.params)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert not np.abs(got["blocks_0"]["controlnet_block"]["kernel"]).any()
+
+
+def test_controlnet_run_trains_only_the_net_resumes_and_exports(demo_base, tmp_path):
+    """4 steps: the state is the ControlNet alone (its Adam moments, no base param); resuming through the
+    CLI (`--set adapter=controlnet`) from step 2 gives the same losses; WORKDIR/controlnet/ is the EMA net in
+    diffusers' layout, which diffusers loads and which steers sampling."""
+    from sd3_jax.cli import main
+    from sd3_jax.controlnet import Control, load_controlnet
+    from sd3_jax.pipeline import SD3Pipeline
+    from sd3_jax.train.loop import train
+    from sd3_jax.train.report import read_metrics
+
+    root, model, _ = demo_base
+    straight = tmp_path / "straight"
+    state = train(cn_cfg(root, model, 4), str(straight), progress=False)
+    losses = [m["loss"] for m in read_metrics(str(straight)) if "loss" in m]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert [m["step"] for m in read_metrics(str(straight)) if m.get("kind") == "eval"] == [2, 4]
+    assert set(state.params) == {
+        "pos_embed",
+        "pos_embed_input",
+        "time_text_embed",
+        "context_embedder",
+        "blocks_0",
+    }
+    trained = [
+        x
+        for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+        if "'pos_embed']['pos_embed" not in jax.tree_util.keystr(p)
+    ]
+    moments = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert moments == sorted(2 * [x.shape for x in trained])  # the frozen position table has none
+    assert np.abs(jax.device_get(state.params["blocks_0"]["controlnet_block"]["kernel"])).max() > 0
+
+    cfg_file = tmp_path / "cn.py"
+    cfg_file.write_text(
+        f"import pathlib, sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_controlnet import cn_cfg\nimport dataclasses\nfrom sd3_jax import demo\n"
+        "def get_config():\n    m = demo.model_config().replace(depth=3, num_heads=1, head_dim=32)\n"
+        f"    c = cn_cfg(pathlib.Path({str(root)!r}), m, 4)\n    return dataclasses.replace(c, adapter='')\n"
+    )
+    wd = tmp_path / "resumed"
+    run = [
+        "train",
+        "--config",
+        str(cfg_file),
+        "--workdir",
+        str(wd),
+        "--no-progress",
+        "--set",
+        "adapter=controlnet",
+    ]
+    assert main(run + ["--set", "steps=2"]) == 0
+    assert main(run) == 0
+    resumed = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
+    np.testing.assert_allclose(resumed, losses, rtol=1e-6)
+
+    net = load_controlnet(str(straight / "controlnet"))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(net.params), jax.device_get(state.ema_params))
+    assert SD3ControlNetModel.from_pretrained(straight / "controlnet").config.num_layers == 2
+    pipe = SD3Pipeline.load(str(root / "ckpt"))
+    ctrl = np.zeros((16, 16, 3), np.uint8)
+    ctrl[:8, :8] = 255
+    kw = dict(steps=3, progress=False, output="float")
+    with_net = pipe.generate("a red circle", controls=[Control(net, ctrl)], **kw)
+    assert np.abs(with_net - pipe.generate("a red circle", **kw)).max() > 1e-3

@@ -97,6 +97,12 @@ def open_run(workdir: str, step: int | None = None) -> Run:
         model, init_from, adapter = info["model"], info["init_from"], info["adapter"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointFormatError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
+    if adapter == "controlnet":
+        raise ValueError(
+            f"{workdir}: a ControlNet run: sample its base with the ControlNet it exported, "
+            f"`sd3-jax sample --checkpoint {init_from} --controlnet {os.path.join(workdir, 'controlnet')} "
+            "--control-image IMG`"
+        )
     if adapter:
         raise ValueError(
             f"{workdir}: a {adapter} run: sample its base with the adapter it exported, "

@@ -119,8 +119,15 @@ class TrainConfig:
     # with Diffusion-DPO on data.kind="pairs", the frozen init_from transformer as the reference, weight
     # dpo_beta, plus dpo_sft_weight times the policy's denoising error on the preferred images (an SFT
     # anchor; 0 is plain Diffusion-DPO, dpo_beta=0 with a weight > 0 is SFT on the preferred images alone).
-    adapter: str = ""  # "" (train the whole MMDiT) or "lora"
+    # adapter="controlnet" trains a ControlNet steering the frozen init_from transformer from the data's
+    # "control" latents: controlnet_layers blocks (0: half the base's), initialised from the base's first
+    # blocks (controlnet_init="base", as diffusers' from_transformer) or "fresh", controlnet_extra_channels
+    # control channels beyond the latent ones (1: an inpainting mask); exported to WORKDIR/controlnet/.
+    adapter: str = ""  # "" (train the whole MMDiT), "lora" or "controlnet"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    controlnet_layers: int = 0
+    controlnet_init: str = "base"
+    controlnet_extra_channels: int = 0
     objective: str = "denoise"  # "denoise" (the formulation's loss) or "dpo"
     dpo_beta: float = 2000.0
     dpo_sft_weight: float = 0.0
@@ -144,8 +151,10 @@ class TrainConfig:
             raise ValueError(f"timesteps {self.timesteps!r} unknown")
         if self.batch_size < 1 or self.steps < 0:
             raise ValueError("batch_size must be >= 1 and steps >= 0")
-        if self.adapter not in ("", "lora"):
-            raise ValueError(f"adapter {self.adapter!r} unknown; expected '' or 'lora'")
+        if self.adapter not in ("", "lora", "controlnet"):
+            raise ValueError(f"adapter {self.adapter!r} unknown; expected '', 'lora' or 'controlnet'")
+        if self.controlnet_init not in ("base", "fresh"):
+            raise ValueError(f"controlnet_init {self.controlnet_init!r} unknown; expected 'base' or 'fresh'")
         if self.objective not in ("denoise", "dpo"):
             raise ValueError(f"objective {self.objective!r} unknown; expected 'denoise' or 'dpo'")
         if self.dpo_beta < 0 or self.dpo_sft_weight < 0:
@@ -171,6 +180,8 @@ class TrainConfig:
             sample_images=(1, None),
             sample_steps=(1, None),
             sample_size=(0, None),
+            controlnet_layers=(0, None),
+            controlnet_extra_channels=(0, None),
         )
         from sd3_jax.nn.mmdit import MMDiT  # a synthetic size the model cannot take fails here, not later
 
@@ -182,8 +193,14 @@ class TrainConfig:
 
 def check_finetune(cfg: TrainConfig) -> None:
     """Raises ValueError when the adapter, objective, data and init_from settings do not go together."""
-    if cfg.adapter == "lora" and not cfg.init_from:
-        raise ValueError("adapter='lora' needs init_from: the sd3-jax checkpoint whose transformer it adapts")
+    if cfg.adapter and not cfg.init_from:
+        raise ValueError(
+            f"adapter={cfg.adapter!r} needs init_from: the sd3-jax checkpoint whose transformer it steers"
+        )
+    if cfg.adapter == "controlnet" and cfg.data.kind != "prepared":
+        raise ValueError(
+            "adapter='controlnet' reads prepared records with a 'control' array: data.kind='prepared'"
+        )
     if cfg.objective == "dpo":
         if cfg.adapter != "lora":
             raise ValueError("objective='dpo' trains through a LoRA adapter: set adapter='lora'")

@@ -107,9 +107,18 @@ def step_fns(cfg: TrainConfig, tx, shardings, base):
     from sd3_jax.train.lora import lora_train_step
 
     jit_step = lambda f: jax.jit(f, out_shardings=(shardings, None), donate_argnums=0)
-    if cfg.adapter != "lora":
+    if cfg.adapter == "":
         step = jit_step(functools.partial(train_step, cfg, tx))
         return step, jax.jit(functools.partial(eval_loss, cfg))
+    if cfg.adapter == "controlnet":
+        from sd3_jax.train.controlnet import controlnet_eval, controlnet_train_step
+
+        step = jit_step(functools.partial(controlnet_train_step, cfg, tx))
+        evaluate = jax.jit(controlnet_eval(cfg))
+        return (
+            lambda state, batch, rng: step(state, batch, rng, base),
+            lambda net, batch, ts, key: evaluate(net, batch, ts, key, base),
+        )
     if cfg.objective == "dpo":
         inner = functools.partial(dpo_train_step, cfg, tx, beta=cfg.dpo_beta, sft_weight=cfg.dpo_sft_weight)
     else:
@@ -150,6 +159,11 @@ def train(
         raise ValueError(
             "sample_every needs init_from (a checkpoint with the VAE and text encoders to sample with)"
         )
+    if cfg.sample_every and sample_fn is None and cfg.adapter == "controlnet":
+        raise ValueError(
+            "sample_every with adapter='controlnet' needs control images to sample with: pass train() a "
+            "sample_fn (experiments/controlnet.py does), or set sample_every=0"
+        )
     check_finetune(cfg)
     os.makedirs(workdir, exist_ok=True)
     with (
@@ -181,8 +195,15 @@ def _train(
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.steps)
     lr_at = learning_rate(cfg.optim, cfg.steps)
-    lora = cfg.adapter == "lora"
-    shardings = lora_state_shardings(cfg, cfg.lora, tx, mesh) if lora else state_shardings(cfg, tx, mesh)
+    lora, frozen_base = cfg.adapter == "lora", cfg.adapter != ""
+    if cfg.adapter == "controlnet":
+        from sd3_jax.train.controlnet import controlnet_state_shardings, create_controlnet_state
+
+        shardings = controlnet_state_shardings(cfg, tx, mesh)
+    elif lora:
+        shardings = lora_state_shardings(cfg, cfg.lora, tx, mesh)
+    else:
+        shardings = state_shardings(cfg, tx, mesh)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints,
         enable_async_checkpointing=cfg.async_checkpoints,
@@ -208,10 +229,13 @@ def _train(
 
     start = mngr.latest_step()
     with mesh_context(mesh):
-        # A LoRA run keeps the init_from transformer frozen beside the state; a full run starts from it.
-        base = _load_init_params(cfg, mesh) if lora else None
+        # A LoRA or ControlNet run keeps the init_from transformer frozen beside the state; a full run
+        # starts from it.
+        base = _load_init_params(cfg, mesh) if frozen_base else None
 
         def fresh(params=None):
+            if cfg.adapter == "controlnet":
+                return create_controlnet_state(cfg, tx, mesh, init_key, base)
             if lora:
                 return create_lora_state(cfg, cfg.lora, tx, mesh, init_key)
             return create_state(cfg, tx, mesh, init_key, params)
@@ -232,7 +256,7 @@ def _train(
             it.set_state(restored.data["iterator"])
         else:
             start = 0
-            state = fresh(_load_init_params(cfg, mesh) if cfg.init_from and not lora else None)
+            state = fresh(_load_init_params(cfg, mesh) if cfg.init_from and not frozen_base else None)
         metrics_out = MetricsWriter(workdir, start, cfg.tensorboard)
         if cfg.sample_every and sample_fn is None:
             sample_fn = checkpoint_sampler(cfg.init_from, cfg, mesh)
@@ -369,4 +393,8 @@ def _train(
             bar.close()
         if lora:
             export_adapter(cfg, state.ema_params, workdir)
+        elif cfg.adapter == "controlnet":
+            from sd3_jax.train.controlnet import export_controlnet_diffusers
+
+            export_controlnet_diffusers(cfg, state.ema_params, workdir)
     return state

@@ -14,8 +14,8 @@ import optax
 
 from sd3_jax.lora import Lora, LoraConfig, apply_lora, init_lora, lora_logical_names
 from sd3_jax.sharding.mesh import tree_shardings
-from sd3_jax.train.state import TrainState
-from sd3_jax.train.step import apply_gradients, batch_loss, sample_t
+from sd3_jax.train.state import TrainState, shardings_like_params
+from sd3_jax.train.step import apply_gradients, batch_loss, step_draws
 
 
 def _abstract_base(model_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -38,22 +38,7 @@ def lora_state_shardings(
     abstract, boxed = base or _abstract_base(cfg.model)
     abstract_lora = jax.eval_shape(lambda k: init_lora(k, abstract, lora_cfg), jax.random.key(0))
     p_sh = tree_shardings(lora_logical_names(abstract_lora, boxed), mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    flat = {
-        tuple(str(k) for k in path): (leaf, sh)
-        for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_lora), jax.tree.leaves(p_sh))
-    }
-
-    def opt_sharding(path, leaf):  # a moment has its adapter leaf's path as a suffix and its shape
-        keys = tuple(str(k) for k in path)
-        for n in range(len(keys)):
-            hit = flat.get(keys[n:])
-            if hit is not None and hit[0].shape == leaf.shape:
-                return hit[1]
-        return replicated
-
-    o_sh = jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(tx.init, abstract_lora))
-    return TrainState(step=replicated, params=p_sh, opt_state=o_sh, ema_params=p_sh)
+    return shardings_like_params(abstract_lora, p_sh, tx, mesh)
 
 
 def create_lora_state(
@@ -87,11 +72,7 @@ def lora_train_step(
 
     The loss is `batch_loss` at params apply_lora(base, [(lora, 1)]); gradients flow to the adapter only.
     """
-    key = jax.random.fold_in(rng, state.step)
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
-    t = sample_t(cfg, k_t, batch["latents"].shape[0])
-    noise = jax.random.normal(k_noise, batch["latents"].shape, jnp.float32)
-    noise = nn.with_logical_constraint(noise, ("batch", None, None, None))
+    t, noise, k_drop = step_draws(cfg, rng, state.step, batch)
     base = jax.lax.stop_gradient(base_params)
 
     def loss_fn(lora):

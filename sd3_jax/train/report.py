@@ -106,8 +106,11 @@ def checkpoint_sampler(init_from: str, cfg: Any, mesh: Any = None) -> SampleFn:
                 from sd3_jax.pipeline import SD3Pipeline
 
                 pipe.append(SD3Pipeline.load(init_from, mesh=mesh))
-            p = pipe[0]
-            p.transformer_params = params
+            p, adapters = pipe[0], ()
+            if cfg.adapter == "lora":  # the params are the adapter on the checkpoint's transformer
+                adapters = ((params, 1.0),)
+            else:
+                p.transformer_params = params
             size = cfg.sample_size or None
             return p.generate(
                 list(cfg.sample_prompts),
@@ -116,6 +119,7 @@ def checkpoint_sampler(init_from: str, cfg: Any, mesh: Any = None) -> SampleFn:
                 steps=cfg.sample_steps,
                 seed=cfg.sample_seed,
                 num_images_per_prompt=cfg.sample_images,
+                adapters=adapters,
                 progress=False,
             )
 

@@ -81,12 +81,17 @@ def state_shardings(
     cfg: TrainConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> TrainState:
     """NamedShardings of every TrainState leaf: params by their logical names, optimizer moments likewise."""
-    boxed = abstract_params(cfg.model, boxed=True)
-    p_sh = tree_shardings(boxed, mesh)
-    abstract = abstract_params(cfg.model)
+    p_sh = tree_shardings(abstract_params(cfg.model, boxed=True), mesh)
+    return shardings_like_params(abstract_params(cfg.model), p_sh, tx, mesh)
+
+
+def shardings_like_params(
+    abstract: Any, p_sh: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """A TrainState's shardings given its params' (`p_sh`, a tree like `abstract`): the EMA as the params,
+    each optimizer moment as the param with its path suffix and shape, the rest replicated."""
     opt_abstract = jax.eval_shape(tx.init, abstract)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # Optimizer moments mirror params: give each the sharding of the param with its path suffix and shape.
     flat_p = {
         tuple(str(k) for k in path): (leaf, sh)
         for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(p_sh))

@@ -62,9 +62,12 @@ def batch_loss(
     t: jax.Array,
     noise: jax.Array,
     drop_key: jax.Array | None,
-    lora: Any = None,
+    control: tuple[Any, Any] | None = None,
 ) -> jax.Array:
-    """Per-example loss of the configured formulation (eq. of each in `sd3_jax.flow.losses`)."""
+    """Per-example loss of the configured formulation (eq. of each in `sd3_jax.flow.losses`).
+
+    `control`, (ControlNetConfig, its params), adds that ControlNet's residuals, from the batch's "control"
+    latents, to the MMDiT (`params` then being the frozen base)."""
     form = formulation(cfg)
     dtype = jnp.dtype(cfg.compute_dtype)
     model = MMDiT(cfg.model.replace(dtype=dtype))
@@ -73,9 +76,29 @@ def batch_loss(
     context, pooled = text_condition(batch, drop_key, cfg.text_dropout, cfg.model.context_dim)
     z = form.noise(x0, noise, t)
     net_x, net_t = form.net_input(z, t)
-    p = jax.tree.map(lambda a: a.astype(dtype), params)
-    out = model.apply({"params": p}, net_x.astype(dtype), net_t, context.astype(dtype), pooled.astype(dtype))
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
+    net_x, context, pooled = cast((net_x, context, pooled))
+    residuals = None
+    if control is not None:
+        from sd3_jax.nn.controlnet import ControlNet
+
+        net_cfg, net_params = control
+        net_pooled = jnp.zeros_like(pooled) if net_cfg.force_zeros_for_pooled else pooled
+        residuals = ControlNet(net_cfg.replace(dtype=dtype)).apply(
+            {"params": cast(net_params)}, net_x, cast(batch["control"]), net_t, net_pooled, context
+        )
+    out = model.apply({"params": cast(params)}, net_x, net_t, context, pooled, controls=residuals)
     return form.loss(out.astype(jnp.float32), x0, noise, t)
+
+
+def step_draws(
+    cfg: TrainConfig, rng: jax.Array, step: jax.Array, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The step's timesteps, noise (sharded as the batch) and text-dropout key, from fold_in(rng, step)."""
+    k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(rng, step), 3)
+    t = sample_t(cfg, k_t, batch["latents"].shape[0])
+    noise = jax.random.normal(k_noise, batch["latents"].shape, jnp.float32)
+    return t, nn.with_logical_constraint(noise, ("batch", None, None, None)), k_drop
 
 
 def train_step(
@@ -86,12 +109,7 @@ def train_step(
     rng: jax.Array,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; the step's key is fold_in(rng, step) (big_vision `update_fn`)."""
-    key = jax.random.fold_in(rng, state.step)
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
-    b = batch["latents"].shape[0]
-    t = sample_t(cfg, k_t, b)
-    noise = jax.random.normal(k_noise, batch["latents"].shape, jnp.float32)
-    noise = nn.with_logical_constraint(noise, ("batch", None, None, None))
+    t, noise, k_drop = step_draws(cfg, rng, state.step, batch)
 
     def loss_fn(params):
         return jnp.mean(batch_loss(cfg, params, batch, t, noise, k_drop))
@@ -113,12 +131,18 @@ def apply_gradients(
 
 
 def eval_loss(
-    cfg: TrainConfig, params: Any, batch: dict[str, jax.Array], ts: jax.Array, key: jax.Array
+    cfg: TrainConfig,
+    params: Any,
+    batch: dict[str, jax.Array],
+    ts: jax.Array,
+    key: jax.Array,
+    control: tuple[Any, Any] | None = None,
 ) -> jax.Array:
     """Validation loss: the mean over fixed timesteps `ts` with fixed noise, no text dropout (sec. 5.1)."""
     b = batch["latents"].shape[0]
     total = 0.0
     for i in range(ts.shape[0]):
         noise = jax.random.normal(jax.random.fold_in(key, i), batch["latents"].shape, jnp.float32)
-        total = total + jnp.mean(batch_loss(cfg, params, batch, jnp.full((b,), ts[i]), noise, None))
+        t = jnp.full((b,), ts[i])
+        total = total + jnp.mean(batch_loss(cfg, params, batch, t, noise, None, control))
     return total / ts.shape[0]
