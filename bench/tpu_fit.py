@@ -14,8 +14,8 @@ done and skipped when present, so an interrupted run resumes. Sampling: 1024x102
 compiled once per slice and batch. Training: one image per chip at 256, 512 and 1024 px, 333 text tokens,
 bf16 compute with fp32 params, Adam and EMA, fsdp over the slice. The largest batch per chip for a remat
 policy: the peak fitted as affine in batch x tokens over every compile of that model, slice and policy (1
-and 2 images per chip to start), the predicted largest batch compiled to confirm it (stepped down while
-refused). fsdp: SD3 Medium's train
+and 2 images per chip to start), the predicted largest batch compiled to confirm it (after a refusal,
+bisected between the largest batch that compiled and the smallest refused). fsdp: SD3 Medium's train
 step on 4 v5p chips (fsdp=4, 256 px, 4 images per chip): compiled arguments per chip against
 (fp32 params + Adam moments + EMA) / 4 plus the batch.
 """
@@ -130,7 +130,7 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     """Largest images per chip that fit at `res`. The peak is taken as affine in batch x tokens (the flash
     kernel keeps attention linear in the sequence), fitted on every compile of this model, slice and
     policy so far (`points`, extended here); the predicted largest batch is compiled to confirm it, and
-    stepped down while the compiler refuses it. Two compiles start a policy's fit (1 and 2 per chip); the
+    after a refusal the search bisects between the largest batch that compiled and the smallest refused. Two compiles start a policy's fit (1 and 2 per chip); the
     peak at 1 per chip, where the fit table has it (`first`), is a free point."""
     hbm, tok = plan.chip_hbm(devices[0]), _tokens(res)
     checked = []
@@ -148,26 +148,20 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
         return {"max_per_chip": 0, "checked": checked}
     if _affine(points) is None and not compile_at(2):
         return {"max_per_chip": 1, "checked": checked}
-    refused = 257
-    while True:
+    # lo fits, hi does not: the fit's prediction is compiled; after a refusal, the next is the midpoint
+    # (the compiler's peak is not quite monotonic in the batch, so the fit alone can circle).
+    lo, hi, bisect = max((b for b, t, _ in points if t == tok), default=0), 257, False
+    while hi - lo > 1 and lo < 256:
         fixed, slope = _affine(points)
-        n = max(1, min(int((hbm - fixed) // (slope * tok)), refused - 1, 256))
-        known = {b for b, t, _ in points if t == tok}
-        if n in known or compile_at(n):
-            if n + 1 >= refused or n == 256:
-                break
-            fixed, slope = _affine(points)
-            if fixed + slope * (n + 1) * tok > hbm:
-                break
-            continue  # the refit predicts that more fit: try it
-        refused = n
-        if n == 1:
-            return {"max_per_chip": 0, "checked": checked}
-        fixed, slope = _affine(points)
-        n = max(1, min(int((hbm - fixed) // (slope * tok)), n - max(1, n // 16)))
+        pred = int((hbm - fixed) // (slope * tok))
+        if not bisect and pred <= lo:
+            break  # the fit says one more does not fit
+        n = max(lo + 1, min((lo + hi) // 2 if bisect else pred, hi - 1, 256))
         if compile_at(n):
-            continue
-        refused = n
+            lo, bisect = n, False
+        else:
+            hi, bisect = n, True
+    n = lo
     fixed, slope = _affine(points)
     return {
         "max_per_chip": n,
@@ -395,9 +389,11 @@ def render(results_dir: str) -> list[str]:
             "the compiler asked for before it stopped. Largest images per chip under each remat policy "
             "(`--task max-batch`): the peak is fitted as affine in batch x tokens over every compile of "
             "that model, slice and policy (the splash kernel keeps attention linear in the sequence); the "
-            "predicted largest batch is compiled to confirm it fits (stepped down while the compiler "
-            "refuses it), and one more is predicted not to; 256 is the search's cap, 0 means one image does "
-            "not fit, - not measured yet (each search is 1-4 compiles of minutes on this host).",
+            "predicted largest batch is compiled to confirm it fits (after a refusal, bisected between the "
+            "largest batch that compiled and the smallest refused: the compiler's peak is not quite monotonic "
+            "in the batch), and one more is predicted not to or was refused; 256 is the search's cap, 0 means "
+            "one image does not fit, - not measured yet (each search is 1-13 compiles of minutes on this "
+            "host).",
             "",
             "| model | slice | px | peak per chip at 1 image/chip (GiB of HBM) | largest batch per chip: "
             "none / full / dots | compile s |",
