@@ -131,7 +131,8 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     kernel keeps attention linear in the sequence), fitted on every compile of this model, slice and
     policy so far (`points`, extended here); the predicted largest batch is compiled to confirm it, and
     after a refusal the search bisects between the largest batch that compiled and the smallest refused.
-    Two compiles start a policy's fit (1 and 2 per chip); the peak at 1 per chip, where the fit table has it (`first`), is a free point."""
+    Two compiles start a policy's fit (1 and 2 per chip); the peak at 1 per chip, where the fit table has
+    it (`first`), is a free point."""
     hbm, tok = plan.chip_hbm(devices[0]), _tokens(res)
     checked = []
 
@@ -392,8 +393,8 @@ def render(results_dir: str) -> list[str]:
             "predicted largest batch is compiled to confirm it fits (after a refusal, bisected between the "
             "largest batch that compiled and the smallest refused: the compiler's peak is not quite "
             "monotonic in the batch), and one more is predicted not to or was refused; 256 is the search's "
-            "cap, 0 means one image does not fit, - not measured yet (each search is 1-13 compiles of minutes on this "
-            "host).",
+            "cap, 0 means one image does not fit, - not measured yet (each search is 1-13 compiles of "
+            "minutes on this host).",
             "",
             "| model | slice | px | peak per chip at 1 image/chip (GiB of HBM) | largest batch per chip: "
             "none / full / dots | compile s |",
