@@ -168,8 +168,20 @@ def train_programs(
 
     mesh = make_mesh(cfg.mesh, devices)
     tx = make_optimizer(cfg.optim, cfg.steps)
+    if cfg.adapter == "controlnet":
+        return _controlnet_train_programs(cfg, mesh, tx, text_tokens, latent_hw)
+    if cfg.adapter:
+        raise ValueError(f"plan: adapter={cfg.adapter!r} is not planned; '' (full training) or 'controlnet'")
     shardings = state_shardings(cfg, tx, mesh)
     state = abstract_state(cfg, tx, mesh)
+    batch, rng = _abstract_batch(cfg, mesh, text_tokens, latent_hw)
+    with mesh_context(mesh):
+        step, _ = step_fns(cfg, tx, shardings, None)
+        return [analyse("train step", step, (state, batch, rng), resident=sharded_nbytes(state))]
+
+
+def _abstract_batch(cfg, mesh, text_tokens: int, latent_hw) -> tuple[dict, Any]:
+    """What a prepared dataset gives a train step (sharded over data x fsdp), and the step's key."""
     m, b = cfg.model, cfg.batch_size
     lh, lw = latent_hw or (cfg.data.latent_size, cfg.data.latent_size)
     wl = m.pooled_dim * 3 // 8  # CLIP-L's width: 768 of SD3's 2048 pooled channels, CLIP-G the rest
@@ -181,15 +193,45 @@ def train_programs(
         "pooled_l": (b, wl),
         "pooled_g": (b, m.pooled_dim - wl),
     }
+    if cfg.adapter == "controlnet":
+        shapes["control"] = (b, lh, lw, m.in_channels + cfg.controlnet_extra_channels)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     spec = PartitionSpec(("data", "fsdp")) if b % n_batch == 0 else PartitionSpec()
     batch = {
         k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=NamedSharding(mesh, spec)) for k, v in shapes.items()
     }
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    return batch, rng
+
+
+def _controlnet_train_programs(cfg, mesh, tx, text_tokens: int, latent_hw) -> list[Program]:
+    """`adapter="controlnet"`: the ControlNet's TrainState beside the frozen base (fp32, sharded)."""
+    import functools
+
+    from sd3_jax.convert.mmdit import abstract_params
+    from sd3_jax.sharding.mesh import tree_shardings
+    from sd3_jax.train.controlnet import (
+        abstract_controlnet_state,
+        controlnet_state_shardings,
+        controlnet_train_step,
+    )
+    from sd3_jax.train.loop import mesh_context
+
+    state = abstract_controlnet_state(cfg, tx, mesh)
+    base = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=sh),
+        abstract_params(cfg.model),
+        tree_shardings(abstract_params(cfg.model, boxed=True), mesh),
+    )
+    batch, rng = _abstract_batch(cfg, mesh, text_tokens, latent_hw)
+    step = jax.jit(
+        functools.partial(controlnet_train_step, cfg, tx),
+        out_shardings=(controlnet_state_shardings(cfg, tx, mesh), None),
+        donate_argnums=0,
+    )
     with mesh_context(mesh):
-        step, _ = step_fns(cfg, tx, shardings, None)
-        return [analyse("train step", step, (state, batch, rng), resident=sharded_nbytes(state))]
+        resident = sharded_nbytes(state) + sharded_nbytes(base)
+        return [analyse("ControlNet train step", step, (state, batch, rng, base), resident=resident)]
 
 
 # Sampling.

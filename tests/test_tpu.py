@@ -197,6 +197,33 @@ def test_fsdp_splits_every_weight(v5p4):
         sharded.argument, state, batch)  # fmt: skip
 
 
+def test_controlnet_train_step_keeps_the_base_frozen_and_split_over_fsdp(v5p4):
+    """`adapter="controlnet"` compiled for 4 v5p chips with fsdp=4: arguments per chip are (the ControlNet's
+    params, Adam moments and EMA + the frozen base's fp32 params + the batch) / 4 within 5% (the base split
+    over fsdp by the same rules, never replicated), with the splash kernel in the step."""
+    from sd3_jax.convert.mmdit import abstract_params
+    from sd3_jax.sharding.mesh import make_mesh
+    from sd3_jax.train.controlnet import abstract_controlnet_state
+    from sd3_jax.train.state import make_optimizer
+
+    model = TINY.replace(head_dim=128, depth=3, context_dim=512, pooled_dim=512)
+    cfg = _train_cfg(MeshConfig(fsdp=4), model, batch=8)
+    cfg = dataclasses.replace(cfg, adapter="controlnet", controlnet_layers=2)
+    (prog,) = plan.train_programs(cfg, v5p4)
+    mesh = make_mesh(cfg.mesh, v5p4)
+    net = abstract_controlnet_state(cfg, make_optimizer(cfg.optim, cfg.steps), mesh)
+    nbytes = lambda tree: sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if x.dtype != jnp.int32
+    )
+    net_b, base_b = nbytes(net), 4 * sum(x.size for x in jax.tree.leaves(abstract_params(model)))
+    _, batch, _ = _state_and_batch_bytes(cfg, v5p4)
+    batch += cfg.batch_size * 4 * cfg.data.latent_size**2 * model.in_channels  # the control latents
+    want = (net_b + base_b + batch) / 4
+    assert base_b > 0.2 * net_b and batch < 0.05 * (net_b + base_b)  # replicated, the base would show
+    assert abs(prog.argument - want) <= 0.05 * want, (prog.argument, net_b, base_b, batch)
+    assert prog.custom_calls > 0 and not prog.oom
+
+
 def test_sd3_medium_train_state_is_split_over_fsdp(v5p4):
     """The issue's figure: SD3 Medium's TrainState on 4 v5p chips with fsdp=4 is (fp32 params + Adam
     moments + EMA) / 4 per chip within 1% (it was 15.3 GiB of arguments per chip with the adaLN kernels

@@ -36,6 +36,19 @@ def controlnet_state_shardings(cfg: Any, tx: optax.GradientTransformation, mesh:
     return shardings_like_params(abstract_params(ncfg), p_sh, tx, mesh)
 
 
+def abstract_controlnet_state(cfg: Any, tx: optax.GradientTransformation, mesh: Any) -> TrainState:
+    """A fresh ControlNet run's TrainState as sharded ShapeDtypeStructs (no memory): for compiling."""
+    params = abstract_params(net_config(cfg))
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        ema_params=params,
+    )
+    shardings = controlnet_state_shardings(cfg, tx, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def _base_block(base_cfg: MMDiTConfig, base: Any, i: int) -> Any:
     from sd3_jax.convert.mmdit import _block_location
 
@@ -134,6 +147,7 @@ def export_controlnet_diffusers(cfg: Any, net: Any, workdir: str) -> str | None:
 
 
 __all__ = [
+    "abstract_controlnet_state",
     "controlnet_eval",
     "controlnet_state_shardings",
     "controlnet_train_step",
