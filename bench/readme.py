@@ -155,6 +155,19 @@ def _dpo() -> str:
     )
 
 
+def _controlnet() -> str:
+    r = _load(EXPERIMENTS, "controlnet", "results.json")
+    b, a, m = r["before"], r["after"], r["paired"]["position"]
+    return (
+        f"- ControlNet (`experiments/controlnet.py`): a {r['layers']}-block ControlNet trained "
+        f"{r['steps']} steps with `sd3-jax train --set adapter=controlnet` on the frozen demo model, "
+        "conditioned on the object's silhouette, takes position accuracy on prompts without a position "
+        f"from {b['position']:.2f} to {a['position']:.2f} and adherence from {b['adherence']:.2f} to "
+        f"{a['adherence']:.2f} ({r['n']} prompts; {m['fixed']} fixed, {m['broken']} broken); its diffusers "
+        f"export samples the same images in diffusers within {r['diffusers_max_abs_diff']:.1e}."
+    )
+
+
 def render() -> list[str]:
     return [
         BEGIN,
@@ -165,6 +178,7 @@ def render() -> list[str]:
         _tpu(),
         _demo(),
         _dpo(),
+        _controlnet(),
         END,
     ]
 
