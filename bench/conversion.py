@@ -7,12 +7,14 @@ For each case MODEL:DTYPE (models: sd3_medium, sd35_large):
 1. Synthesizes MODEL's MMDiT in Stability's single-file layout (`model.diffusion_model.*`) in DTYPE from the
    shapes of the table (`sai_rules` run backwards over `abstract_params`); each tensor is a rotated slice of
    one 16M-value random pool, streamed to disk by `write_safetensors(shapes=...)`.
-2. The yardstick: copies the file on the same disk (`shutil.copyfile`, cold), three times: the median.
-3. Converts it to a bf16 checkpoint with the project's converter, `sd3_jax.convert.pipeline_io.convert`
-   (what `sd3-jax convert --dtype bf16` runs), cold.
-4. The second yardstick: reads every file of the converted checkpoint, cold, three times: the median.
-5. Loads the checkpoint's transformer into device arrays the way `SD3Pipeline.load` does
-   (`load_component`), cold.
+2. Three rounds of: the yardstick, a copy of the file on the same disk (`shutil.copyfile`, cold), then the
+   conversion to a bf16 checkpoint with the project's converter, `sd3_jax.convert.pipeline_io.convert`
+   (what `sd3-jax convert --dtype bf16` runs), cold: the median of each. Interleaved because the virtual
+   disk's write throughput sags after a few GB written: three copies in a row slowed the conversion after
+   them (4.7x the copy, against 1.2-1.9x on a quarter-size file written between copies).
+3. Three rounds of: the second yardstick, a read of every file of the converted checkpoint, cold, then a
+   load of its transformer into device arrays the way `SD3Pipeline.load` does (`load_component`), cold:
+   the median of each.
 Each measurement runs in a child process; its peak resident memory comes from wait4 (ru_maxrss), its peak
 anonymous memory from sampling /proc/self/status. Pages are evicted from the page cache
 (posix_fadvise DONTNEED) before every step. Everything is written under --workdir and deleted unless --keep.
@@ -190,13 +192,16 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-YARDSTICK_RUNS = 3
+RUNS = 3  # rounds of (copy, convert) and of (read, load); medians reported
 
 
 def _median(runs: list[dict]) -> dict:
-    """The run of median seconds, with every run's seconds beside it."""
+    """The run of median seconds, with every run's seconds beside it and the largest peak RSS of all."""
     mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-    return {**mid, "all_seconds": [r["seconds"] for r in runs]}
+    out = {**mid, "all_seconds": [r["seconds"] for r in runs]}
+    if "peak_rss_gb" in mid:
+        out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    return out
 
 
 NAMES = {"sd3_medium": "SD3 Medium", "sd35_large": "SD3.5 Large", "sd35_medium": "SD3.5 Medium"}
@@ -221,14 +226,23 @@ def run_case(work: str, model: str, dtype: str) -> dict:
         return run_child(["read", ckpt, "-"])
 
     try:
-        # The yardsticks are medians of YARDSTICK_RUNS: one copy on this virtual disk varies up to 2x.
-        cp = _median([copied() for _ in range(YARDSTICK_RUNS)])
-        evict(src)
-        conv = run_child(["convert", src, ckpt])
+        # Medians of RUNS rounds, each a copy then a conversion (and a read then a load): one copy on this
+        # virtual disk varies up to 2x, and its write throughput sags after a few GB written, so whatever
+        # runs after a batch of copies is slowed; interleaved, both sides meet the disk in the same state.
+        copies, convs = [], []
+        for _ in range(RUNS):
+            copies.append(copied())
+            shutil.rmtree(ckpt, ignore_errors=True)
+            evict(src)
+            convs.append(run_child(["convert", src, ckpt]))
+        cp, conv = _median(copies), _median(convs)
         os.remove(src)
-        read = _median([read_once() for _ in range(YARDSTICK_RUNS)])
-        evict_tree(ckpt)
-        ld = run_child(["load", ckpt, "-"])
+        reads, loads = [], []
+        for _ in range(RUNS):
+            reads.append(read_once())
+            evict_tree(ckpt)
+            loads.append(run_child(["load", ckpt, "-"]))
+        read, ld = _median(reads), _median(loads)
         out_bytes = dir_bytes(ckpt)
     finally:
         for p in (src, copy):
@@ -282,7 +296,8 @@ def main() -> None:
     print(common.table(rows, common.CONVERT_COLS))
     notes = [
         f"{meta['cpu_cores']} cores (load average {meta['load_avg_1m_start']} at the start); the disk is the "
-        "host's virtual disk. The copy and the conversion both end with their bytes fsync'ed to disk.",
+        "host's virtual disk. The copy and the conversion both end with their bytes fsync'ed to disk; they "
+        "run interleaved, three rounds of (copy, convert) and of (read, load), medians reported.",
         "Peak RSS is the child process's whole resident set (ru_maxrss), interpreter and jax included.",
         "Targets (issue #15): convert <= 4x copy, peak below 1.5 GiB (1.61 GB) whatever the source dtype; "
         "load <= 3x read.",

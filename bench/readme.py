@@ -45,14 +45,15 @@ def _conversion() -> str:
     for r in _results("conversion-cpu.json"):
         rows.append(
             f"{r['what']} ({r['file_gb']:.2f} GB): convert {r['convert_s']:.1f} s, "
-            f"{r['convert_over_copy']:.1f}x a copy of the file (median of 3: {r['copy_s']:.1f} s), peak RSS "
+            f"{r['convert_over_copy']:.1f}x a copy of the file ({r['copy_s']:.1f} s), peak RSS "
             f"{r['convert_peak_rss_gb']:.2f} GiB; load as `SD3Pipeline.load` does {r['load_s']:.1f} s, "
-            f"{r['load_over_read']:.1f}x one read of the checkpoint (median of 3: {r['read_s']:.1f} s), peak "
+            f"{r['load_over_read']:.1f}x one read of the checkpoint ({r['read_s']:.1f} s), peak "
             f"{r['load_peak_rss_gb']:.1f} GiB"
         )
     return (
         "- Conversion and loading (`bench/conversion.py`: synthesized full-size files, page cache evicted "
-        "before each step, this host's virtual disk, on which one copy varies up to 2x between runs): "
+        "before each step, this host's virtual disk, on which one copy varies up to 2x between runs; "
+        "medians of three interleaved rounds of copy then convert, and of read then load): "
         + "; ".join(rows)
         + "."
     )

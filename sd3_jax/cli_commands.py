@@ -300,7 +300,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prepare", help="precompute VAE latents and text embeddings into ArrayRecord shards")
     p.add_argument(
-        "data", help="image folder with .txt captions, a .jsonl, or 'shapes:N' for synthetic shapes"
+        "data",
+        help="image folder with .txt captions, a .jsonl ({image, caption[, control]}), or 'shapes:N' for "
+        "synthetic shapes",
     )
     p.add_argument("--checkpoint", required=True, help="sd3-jax checkpoint with the VAE and text encoders")
     p.add_argument("--out", required=True, help="output prefix of the shards")

@@ -2,8 +2,10 @@
 
 The paper precomputes both so that training reads only arrays. Each record holds `latents` (scaled, as the
 MMDiT sees them), `clip_l`, `clip_g` (penultimate states), `pooled_l`, `pooled_g` and, when the checkpoint
-has T5, `t5`: the keys the trainer's prepared data reads. Corrupt images and missing captions are skipped
-and counted.
+has T5, `t5`: the keys the trainer's prepared data reads; a JSONL with "control" images adds `control`, their
+latents as the pipeline makes them for a ControlNet `sd3-jax train --set adapter=controlnet` trains (without
+the VAE's shift, as diffusers does for nets with `force_zeros_for_pooled_projection`). Corrupt images and
+missing captions are skipped and counted.
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ def checkpoint_encoders(
         v_cfg, v_params = opened.load("vae", None, None)
     text = _load_text(opened, None, True, 4096)
 
-    def encode_images(images: np.ndarray) -> np.ndarray:
-        return np.asarray(encode(v_params, jnp.asarray((images + 1) / 2), config=v_cfg))
+    def encode_images(images: np.ndarray, unshifted: bool = False) -> np.ndarray:
+        z = encode(v_params, jnp.asarray((images + 1) / 2), config=v_cfg)
+        if unshifted:  # a ControlNet's control latents (`sd3_jax.controlnet.control_latents`)
+            z = z + v_cfg.shift_factor * v_cfg.scaling_factor
+        return np.asarray(z)
 
     def encode_captions(captions: list[str]) -> dict[str, np.ndarray]:
         l_states, l_pooled = text._clip("clip_l", list(captions), 1, None)
@@ -89,8 +94,11 @@ def prepare_dataset(
             raise FileExistsError(f"{path} already exists; choose another --out")
     encode_images, encode_captions = checkpoint_encoders(ckpt, max_sequence_length)
 
-    def encode_fn(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
-        return {"latents": encode_images(images), **encode_captions(captions)}
+    def encode_fn(images: np.ndarray, captions: list[str], controls=None) -> dict[str, np.ndarray]:
+        rec = {"latents": encode_images(images), **encode_captions(captions)}
+        if controls is not None:  # as the pipeline encodes them for a trained ControlNet (InstantX-style)
+            rec["control"] = encode_images(controls, unshifted=True)
+        return rec
 
     def write(source, prefix):
         return prepare(

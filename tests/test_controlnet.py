@@ -3,6 +3,7 @@ MMDiT, both checkpoint layouts, parameter counts and bad files."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -575,3 +576,41 @@ def test_controlnet_run_trains_only_the_net_resumes_and_exports(demo_base, tmp_p
     kw = dict(steps=3, progress=False, output="float")
     with_net = pipe.generate("a red circle", controls=[Control(net, ctrl)], **kw)
     assert np.abs(with_net - pipe.generate("a red circle", **kw)).max() > 1e-3
+
+
+def test_prepare_encodes_control_images_beside_the_targets(demo_base, tmp_path, capsys):
+    """`sd3-jax prepare` on a JSONL with "control" images: each record's `control` is the control image
+    resized to the target's size, cropped with it, and encoded as the pipeline encodes it for a trained net
+    (here the identity autoencoder: pixels in [-1, 1]); a line without one is left out and counted; a random
+    bucket crop takes both images at the same offset."""
+    from PIL import Image
+
+    from sd3_jax.cli import main
+    from sd3_jax.data.pipeline import BucketResizeCrop
+    from sd3_jax.data.records import PreparedSource
+
+    root, _, _ = demo_base
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / f"c{i}.png")
+        rows.append({"image": f"im{i}.png", "caption": "a red circle", "control": f"c{i}.png"})
+    rows.append({"image": "im0.png", "caption": "a blue square"})  # no control: left out
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rec"
+    args = ["prepare", str(tmp_path / "d.jsonl"), "--checkpoint", str(root / "ckpt"), "--out", str(out)]
+    args += ["--size", "16", "--batch-size", "2", "--max-sequence-length", "0", "--val-fraction", "0"]
+    assert main(args) == 0
+    recs = PreparedSource(str(out))
+    assert len(recs) == 4
+    for i in range(4):
+        control = np.asarray(Image.open(tmp_path / f"c{i}.png").resize((24, 20), Image.BICUBIC))
+        want = BucketResizeCrop([(16, 16)]).random_map({"image": control}, np.random.default_rng(0))["image"]
+        np.testing.assert_allclose(np.asarray(recs[i]["control"], np.float32), want / 127.5 - 1, atol=2e-3)
+    assert "'missing_control': 1" in capsys.readouterr().out
+    image = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    got = BucketResizeCrop([(32, 32)], random_crop=True).random_map(
+        {"image": image, "control": image.copy()}, np.random.default_rng(9)
+    )
+    np.testing.assert_array_equal(got["image"], got["control"])

@@ -114,7 +114,8 @@ def crop(image: np.ndarray, width: int, height: int, rng: np.random.Generator | 
 
 
 class BucketResizeCrop(grain.transforms.RandomMap):
-    """Resizes "image" (uint8 HWC) to cover its nearest bucket, then crops to it (centre or random)."""
+    """Resizes "image" (uint8 HWC) to cover its nearest bucket, then crops to it (centre or random); a
+    "control" image of the same size goes through the same resize and crop."""
 
     def __init__(self, bucket_list: Sequence[Bucket], random_crop: bool = False):
         """Args: bucket_list: allowed (width, height)s, e.g. `buckets(...)` or one size; random_crop:
@@ -128,12 +129,20 @@ class BucketResizeCrop(grain.transforms.RandomMap):
             return element
         image = element["image"]
         bw, bh = nearest_bucket(image.shape[1], image.shape[0], self.bucket_list)
-        image = crop(resize_to_cover(image, bw, bh), bw, bh, rng if self.random_crop else None)
-        return {**element, "image": np.ascontiguousarray(image)}
+        crop_rng = rng if self.random_crop else None
+        state = crop_rng.bit_generator.state if crop_rng is not None else None  # for a control image
+        image = crop(resize_to_cover(image, bw, bh), bw, bh, crop_rng)
+        out = {**element, "image": np.ascontiguousarray(image)}
+        if "control" in element:  # cropped at the same offset
+            if state is not None:
+                crop_rng.bit_generator.state = state
+            control = crop(resize_to_cover(element["control"], bw, bh), bw, bh, crop_rng)
+            out["control"] = np.ascontiguousarray(control)
+        return out
 
 
 class RandomFlip(grain.transforms.RandomMap):
-    """Mirrors "image" left-right with probability p."""
+    """Mirrors "image" (and a "control" image with it) left-right with probability p."""
 
     def __init__(self, p: float = 0.5):
         if not 0.0 <= p <= 1.0:
@@ -143,7 +152,8 @@ class RandomFlip(grain.transforms.RandomMap):
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if element.get("skip") or not rng.random() < self.p:
             return element
-        return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
+        flip = lambda a: np.ascontiguousarray(a[:, ::-1])  # noqa: E731
+        return {**element, **{k: flip(element[k]) for k in ("image", "control") if k in element}}
 
 
 class Normalize(grain.transforms.Map):

@@ -250,7 +250,8 @@ def prepare(
 
     Args:
       source: records {"image": uint8 or [-1, 1] float (H, W, 3), "caption": str}.
-      encode_fn: (images (B, H, W, 3), captions) -> {name: (B, ...) array}, e.g. keys of PREPARED_KEYS.
+      encode_fn: (images (B, H, W, 3), captions) -> {name: (B, ...) array}, e.g. keys of PREPARED_KEYS;
+        records with a "control" image add `controls=` (B, H, W, 3) in [-1, 1].
       out_prefix: record set prefix (see `write_records`).
       batch_size: images per encode_fn call.
       num_shards: shard files.
@@ -272,7 +273,11 @@ def prepare(
         images += [images[-1]] * (batch_size - len(images))
         captions = [str(e["caption"]) for e in pending]
         captions += [captions[-1]] * (batch_size - len(captions))
-        out = {k: np.asarray(v) for k, v in encode_fn(np.stack(images), captions).items()}
+        kw = {}
+        if "control" in pending[0]:  # ControlNet data: the control images, encoded as the images are
+            controls = [pipeline.normalize(np.asarray(e["control"])) for e in pending]
+            kw["controls"] = np.stack(controls + [controls[-1]] * (batch_size - len(controls)))
+        out = {k: np.asarray(v) for k, v in encode_fn(np.stack(images), captions, **kw).items()}
         for k, v in out.items():
             if v.shape[:1] != (batch_size,):
                 raise ValueError(f"encode_fn returned {k!r} of shape {v.shape}, expected ({batch_size}, ...)")

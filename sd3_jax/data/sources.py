@@ -1,7 +1,8 @@
 """Random-access sources of captioned images: a folder with same-named .txt captions, or a JSONL file.
 
 Both are grain `RandomAccessDataSource`s (`__len__`, `__getitem__`). Item i is
-`{"image": uint8 (H, W, 3) RGB, "caption": str, "index": i}`. Bad data never raises:
+`{"image": uint8 (H, W, 3) RGB, "caption": str, "index": i}` (plus "control", a JSONL's control image).
+Bad data never raises:
 
 - at index time (construction), an image without a caption (folder), or a JSONL line that does not parse
   or lacks a field, is left out of the source and listed in `source.skipped` as (what, reason);
@@ -36,6 +37,8 @@ SKIP_REASONS = (
     "missing_image",  # the image file does not exist (JSONL) or vanished since indexing
     "corrupt_image",  # the image file cannot be decoded
     "bad_line",  # JSONL: not a JSON object, or no string "image" field
+    "missing_control",  # JSONL with control images: this line has none, or its file does not exist
+    "corrupt_control",  # the control image cannot be decoded
 )
 _EXIF_ORIENTATION = 0x0112  # orientations 5-8 swap width and height
 
@@ -76,8 +79,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return w, h
 
 
-def _read(index: int, path: Path, caption: str) -> dict[str, Any]:
-    """One record, or a skip record naming why it cannot be used."""
+def _read(index: int, path: Path, caption: str, control: Path | None = None) -> dict[str, Any]:
+    """One record, or a skip record naming why it cannot be used. With `control`, the record carries that
+    image too ("control", uint8 RGB), resized to the image's size where it differs."""
     caption = caption.strip()
     if not caption:
         return _skip(index, path, "empty_caption", "")
@@ -87,7 +91,18 @@ def _read(index: int, path: Path, caption: str) -> dict[str, Any]:
         return _skip(index, path, "missing_image", str(e))
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         return _skip(index, path, "corrupt_image", f"{type(e).__name__}: {e}")
-    return {"image": image, "caption": caption, "index": index}
+    out = {"image": image, "caption": caption, "index": index}
+    if control is not None:
+        try:
+            c = load_image(control)
+        except FileNotFoundError as e:
+            return _skip(index, control, "missing_control", str(e))
+        except Exception as e:  # as for the image
+            return _skip(index, control, "corrupt_control", f"{type(e).__name__}: {e}")
+        if c.shape != image.shape:
+            c = np.asarray(Image.fromarray(c).resize(image.shape[1::-1], Image.BICUBIC))
+        out["control"] = c
+    return out
 
 
 def _skip(index: int, path: Path, reason: str, detail: str) -> dict[str, Any]:
@@ -115,7 +130,10 @@ class _ImageCaptionSource:
             caption = self._caption(index)
         except (OSError, UnicodeError) as e:
             return _skip(index, self.paths[index], "missing_caption", str(e))
-        return _read(index, self.paths[index], caption)
+        return _read(index, self.paths[index], caption, self._control(index))
+
+    def _control(self, index: int) -> Path | None:
+        return None
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) of item `index` from its header. Raises OSError/ValueError if unreadable."""
@@ -168,11 +186,13 @@ class ImageCaptionFolder(_ImageCaptionSource):
 
 
 class JsonlSource(_ImageCaptionSource):
-    """A JSON-lines file of {"image": path, "caption": text}; relative paths are against the file's folder.
+    """A JSON-lines file of {"image": path, "caption": text[, "control": path]}; relative paths are against
+    the file's folder.
 
     Blank lines are ignored. A line that is not a JSON object with a string "image" is left out with reason
-    "bad_line"; one without a string "caption" with "missing_caption". Existence of the image files is
-    checked at read time, not here.
+    "bad_line"; one without a string "caption" with "missing_caption". When any line has a "control" image
+    (ControlNet training data), lines without one are left out with "missing_control". Existence of the
+    image files is checked at read time, not here.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -183,7 +203,7 @@ class JsonlSource(_ImageCaptionSource):
         """
         self.path = Path(path)
         base = self.path.parent
-        self.paths, self.captions, self.skipped = [], [], []
+        self.paths, self.captions, self.controls, self.skipped = [], [], [], []
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -200,11 +220,23 @@ class JsonlSource(_ImageCaptionSource):
                 else:
                     self.paths.append(base / row["image"])  # an absolute path replaces base
                     self.captions.append(row["caption"])
+                    control = row.get("control")
+                    self.controls.append((base / control, where) if isinstance(control, str) else where)
+        if any(isinstance(c, tuple) for c in self.controls):  # ControlNet data: every line needs one
+            keep = [i for i, c in enumerate(self.controls) if isinstance(c, tuple)]
+            self.skipped += [(c, "missing_control") for c in self.controls if not isinstance(c, tuple)]
+            self.paths, self.captions = [self.paths[i] for i in keep], [self.captions[i] for i in keep]
+            self.controls = [self.controls[i][0] for i in keep]
+        else:
+            self.controls = []
         if self.skipped:
             log.warning("%s: %d lines left out: %s", self.path, len(self.skipped), self.skip_counts)
 
     def _caption(self, index: int) -> str:
         return self.captions[index]
+
+    def _control(self, index: int) -> Path | None:
+        return self.controls[index] if self.controls else None
 
     def __repr__(self) -> str:
         return f"JsonlSource({str(self.path)!r}, {len(self)} items, {len(self.skipped)} skipped)"
