@@ -3,8 +3,8 @@ MMDiT, both checkpoint layouts, parameter counts and bad files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
@@ -268,7 +268,7 @@ def _decode(pipe, z):
     return pipe.image_processor.postprocess(x, output_type="np")
 
 
-@pytest.mark.parametrize("which", ["joint", "single", "multi"])
+@pytest.mark.parametrize("which", ["single", "multi"])  # multi: two joint nets
 def test_controlnet_pipeline_matches_diffusers(tiny_cn, mean_encode, which):
     from diffusers import StableDiffusion3ControlNetPipeline
 
@@ -490,44 +490,40 @@ def cn_cfg(root, model, steps: int):
     return dataclasses.replace(lora_cfg(root, steps), model=model, adapter="controlnet", controlnet_layers=2)
 
 
-def test_controlnet_init_from_base_is_diffusers_from_transformer(demo_base):
-    """The run's fresh state is diffusers' `SD3ControlNetModel.from_transformer(base, num_layers=2)` (the
-    base's patch embedding, embedders and first two blocks; zero controlnet blocks and input embedding)."""
+def test_controlnet_run_inits_as_diffusers_trains_only_the_net_and_exports(demo_base, tmp_path, capsys):
+    """The fresh state is diffusers' `SD3ControlNetModel.from_transformer(base, num_layers=2)` bit for bit
+    (the base's patch embedding, embedders and first two blocks; zero controlnet blocks and input
+    embedding). A 2-step run (`--set adapter=controlnet`): the state is the ControlNet alone (its Adam
+    moments, no base param); WORKDIR/controlnet/ is the EMA net in diffusers' layout, which diffusers loads
+    and which steers sampling. Then `check_prepare_with_controls` on the same checkpoint."""
+    from sd3_jax.controlnet import Control, load_controlnet
     from sd3_jax.convert.mmdit import config_to_diffusers, export_mmdit
+    from sd3_jax.pipeline import SD3Pipeline
     from sd3_jax.sharding.mesh import MeshConfig, make_mesh
+    from sd3_jax.train.config import apply_overrides
     from sd3_jax.train.controlnet import create_controlnet_state
+    from sd3_jax.train.loop import train
+    from sd3_jax.train.report import read_metrics
     from sd3_jax.train.state import make_optimizer
 
     root, model, params = demo_base
-    cfg = cn_cfg(root, model, 1)
+    cfg = apply_overrides(dataclasses.replace(cn_cfg(root, model, 2), adapter=""), ["adapter=controlnet"])
     conf = {k: v for k, v in config_to_diffusers(model).items() if not k.startswith("_")}
     base = SD3Transformer2DModel(**conf)
     base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in export_mmdit(params, model).items()})
     ref = SD3ControlNetModel.from_transformer(base, num_layers=2, num_extra_conditioning_channels=0)
     _, want = read_controlnet(torch_state_dict_numpy(ref), num_heads=1)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
-    state = create_controlnet_state(cfg, make_optimizer(cfg.optim, 1), mesh, jax.random.key(3), params)
-    got = jax.device_get(state.params)
+    fresh = create_controlnet_state(cfg, make_optimizer(cfg.optim, 1), mesh, jax.random.key(3), params)
+    got = jax.device_get(fresh.params)
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert not np.abs(got["blocks_0"]["controlnet_block"]["kernel"]).any()
 
-
-def test_controlnet_run_trains_only_the_net_resumes_and_exports(demo_base, tmp_path):
-    """4 steps: the state is the ControlNet alone (its Adam moments, no base param); resuming through the
-    CLI (`--set adapter=controlnet`) from step 2 gives the same losses; WORKDIR/controlnet/ is the EMA net in
-    diffusers' layout, which diffusers loads and which steers sampling."""
-    from sd3_jax.cli import main
-    from sd3_jax.controlnet import Control, load_controlnet
-    from sd3_jax.pipeline import SD3Pipeline
-    from sd3_jax.train.loop import train
-    from sd3_jax.train.report import read_metrics
-
-    root, model, _ = demo_base
-    straight = tmp_path / "straight"
-    state = train(cn_cfg(root, model, 4), str(straight), progress=False)
-    losses = [m["loss"] for m in read_metrics(str(straight)) if "loss" in m]
-    assert len(losses) == 4 and all(np.isfinite(losses))
-    assert [m["step"] for m in read_metrics(str(straight)) if m.get("kind") == "eval"] == [2, 4]
+    wd = tmp_path / "run"
+    state = train(cfg, str(wd), progress=False)
+    losses = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert [m["step"] for m in read_metrics(str(wd)) if m.get("kind") == "eval"] == [2]
     assert set(state.params) == {
         "pos_embed",
         "pos_embed_input",
@@ -535,50 +531,27 @@ def test_controlnet_run_trains_only_the_net_resumes_and_exports(demo_base, tmp_p
         "context_embedder",
         "blocks_0",
     }
+    table = "['pos_embed']['pos_embed']"  # the frozen position table has no moments
     trained = [
-        x
-        for p, x in jax.tree_util.tree_leaves_with_path(state.params)
-        if "'pos_embed']['pos_embed" not in jax.tree_util.keystr(p)
+        x for p, x in jax.tree_util.tree_leaves_with_path(state.params) if jax.tree_util.keystr(p) != table
     ]
     moments = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
-    assert moments == sorted(2 * [x.shape for x in trained])  # the frozen position table has none
+    assert moments == sorted(2 * [x.shape for x in trained])
     assert np.abs(jax.device_get(state.params["blocks_0"]["controlnet_block"]["kernel"])).max() > 0
 
-    cfg_file = tmp_path / "cn.py"
-    cfg_file.write_text(
-        f"import pathlib, sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from test_controlnet import cn_cfg\nimport dataclasses\nfrom sd3_jax import demo\n"
-        "def get_config():\n    m = demo.model_config().replace(depth=3, num_heads=1, head_dim=32)\n"
-        f"    c = cn_cfg(pathlib.Path({str(root)!r}), m, 4)\n    return dataclasses.replace(c, adapter='')\n"
-    )
-    wd = tmp_path / "resumed"
-    run = [
-        "train",
-        "--config",
-        str(cfg_file),
-        "--workdir",
-        str(wd),
-        "--no-progress",
-        "--set",
-        "adapter=controlnet",
-    ]
-    assert main(run + ["--set", "steps=2"]) == 0
-    assert main(run) == 0
-    resumed = [m["loss"] for m in read_metrics(str(wd)) if "loss" in m]
-    np.testing.assert_allclose(resumed, losses, rtol=1e-6)
-
-    net = load_controlnet(str(straight / "controlnet"))
+    net = load_controlnet(str(wd / "controlnet"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(net.params), jax.device_get(state.ema_params))
-    assert SD3ControlNetModel.from_pretrained(straight / "controlnet").config.num_layers == 2
+    assert SD3ControlNetModel.from_pretrained(wd / "controlnet").config.num_layers == 2
     pipe = SD3Pipeline.load(str(root / "ckpt"))
     ctrl = np.zeros((16, 16, 3), np.uint8)
     ctrl[:8, :8] = 255
     kw = dict(steps=3, progress=False, output="float")
     with_net = pipe.generate("a red circle", controls=[Control(net, ctrl)], **kw)
     assert np.abs(with_net - pipe.generate("a red circle", **kw)).max() > 1e-3
+    check_prepare_with_controls(root, tmp_path, capsys)  # here: the fixture is built once
 
 
-def test_prepare_encodes_control_images_beside_the_targets(demo_base, tmp_path, capsys):
+def check_prepare_with_controls(root, tmp_path, capsys):
     """`sd3-jax prepare` on a JSONL with "control" images: each record's `control` is the control image
     resized to the target's size, cropped with it, and encoded as the pipeline encodes it for a trained net
     (here the identity autoencoder: pixels in [-1, 1]); a line without one is left out and counted; a random
@@ -589,7 +562,6 @@ def test_prepare_encodes_control_images_beside_the_targets(demo_base, tmp_path, 
     from sd3_jax.data.pipeline import BucketResizeCrop
     from sd3_jax.data.records import PreparedSource
 
-    root, _, _ = demo_base
     rng = np.random.default_rng(5)
     rows = []
     for i in range(4):
