@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     if a.smoke:
         steps, examples, n_eval = 2, 64, 4
         runs = {k: RUNS[k] for k in ("rf/logit_normal(0,1)", "eps/linear", "edm")}
+        scales = scales[:1]
     text, prefix = common.data(os.path.join(a.out, "work"), examples)
     results = {}
     for name, kw in runs.items():

@@ -328,8 +328,10 @@ def test_remat_policies_give_the_same_loss_and_grads(policy):
     t = jnp.array([0.1, 0.4, 0.6, 0.9])
     noise = jax.random.normal(jax.random.key(1), batch["latents"].shape)
 
-    def loss_grad(c):
-        return jax.value_and_grad(lambda p: jnp.mean(batch_loss(c, p, batch, t, noise, None)))(params)
+    def loss_grad(c):  # jitted: op by op, a scanned and rematerialised step takes a minute
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(batch_loss(c, p, batch, t, noise, None))))(
+            params
+        )
 
     ref_l, ref_g = loss_grad(cfg)
     l, g = loss_grad(dataclasses.replace(cfg, model=cfg.model.replace(remat=policy)))
