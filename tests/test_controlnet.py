@@ -483,8 +483,6 @@ def demo_base(tmp_path_factory):
 
 def cn_cfg(root, model, steps: int):
     """test_finetune's LoRA run, training a 2-block ControlNet instead."""
-    import dataclasses
-
     from test_finetune import lora_cfg
 
     return dataclasses.replace(lora_cfg(root, steps), model=model, adapter="controlnet", controlnet_layers=2)

@@ -192,28 +192,26 @@ def config_to_diffusers(cfg: ControlNetConfig) -> dict[str, Any]:
     return {"_class_name": "SD3ControlNetModel", **out}
 
 
-def abstract_params(cfg: ControlNetConfig, boxed: bool = False) -> dict[str, Any]:
-    """Param shapes and dtypes of ControlNet(cfg), at no memory."""
-    import flax.linen as nn
-
+def example_inputs(cfg: ControlNetConfig) -> list[jax.ShapeDtypeStruct]:
+    """The smallest inputs ControlNet(cfg) takes (for init): x, control latents, t, pooled[, context]."""
     s, d = cfg.patch_size, cfg.width
     x = (1, s, s, cfg.in_channels) if cfg.own_pos_embed else (1, 1, d)
-    args = [
-        jax.ShapeDtypeStruct(x, jnp.float32),
-        jax.ShapeDtypeStruct((1, s, s, cfg.in_channels + cfg.extra_channels), jnp.float32),
-        jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, cfg.pooled_dim), jnp.float32),
-    ]
-    if cfg.joint:
-        args.append(jax.ShapeDtypeStruct((1, 1, cfg.context_dim), jnp.float32))
-    tree = jax.eval_shape(lambda *a: ControlNet(cfg).init(jax.random.key(0), *a), *args)["params"]
+    shapes = [x, (1, s, s, cfg.in_channels + cfg.extra_channels), (1,), (1, cfg.pooled_dim)]
+    shapes += [(1, 1, cfg.context_dim)] if cfg.joint else []
+    return [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+
+
+def abstract_params(cfg: ControlNetConfig, boxed: bool = False) -> dict[str, Any]:
+    """Param shapes and dtypes of ControlNet(cfg), at no memory; `boxed` keeps the logical axis names."""
+    import flax.linen as nn
+
+    init = lambda *a: ControlNet(cfg).init(jax.random.key(0), *a)["params"]  # noqa: E731
+    tree = jax.eval_shape(init, *example_inputs(cfg))
     if boxed:
         return tree
-    return jax.tree.map(
-        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
-    )
+    # `.value`, not `nn.meta.unbox`: unboxing under a mesh would add a sharding constraint.
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
 def _folder(source: Any) -> tuple[Any, dict[str, Any]]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sd3_jax.convert.controlnet import abstract_params
+from sd3_jax.convert.controlnet import abstract_params, example_inputs
 from sd3_jax.nn.controlnet import ControlNetConfig
 from sd3_jax.nn.mmdit import MMDiTConfig
 from sd3_jax.sharding.mesh import tree_shardings
@@ -84,9 +84,7 @@ def create_controlnet_state(
     ncfg = net_config(cfg)
 
     def make(key, base):
-        s, c = ncfg.patch_size, ncfg.in_channels
-        args = [jnp.zeros((1, s, s, c)), jnp.zeros((1, s, s, c + ncfg.extra_channels)), jnp.zeros((1,))]
-        args += [jnp.zeros((1, ncfg.pooled_dim)), jnp.zeros((1, 1, ncfg.context_dim))]
+        args = [jnp.zeros(a.shape, a.dtype) for a in example_inputs(ncfg)]
         p = nn.meta.unbox(ControlNet(ncfg).init(key, *args)["params"])
         if cfg.controlnet_init == "base":
             p = from_base(ncfg, cfg.model, base, p)
