@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -137,9 +138,12 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     checked = []
 
     def compile_at(n: int) -> bool:
+        t0 = time.perf_counter()
         peak = first if (n == 1 and first is not None) else _train_peak(model, res, n, devices, remat)[1]
         ok = peak <= hbm
-        checked.append([n, round(peak / plan.GIB, 2) if ok else "does not fit"])
+        checked.append(
+            [n, round(peak / plan.GIB, 2) if ok else "does not fit", round(time.perf_counter() - t0)]
+        )
         if ok:
             points.append((n, tok, peak))
         return ok
