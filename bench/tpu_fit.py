@@ -14,8 +14,8 @@ done and skipped when present, so an interrupted run resumes. Sampling: 1024x102
 compiled once per slice and batch. Training: one image per chip at 256, 512 and 1024 px, 333 text tokens,
 bf16 compute with fp32 params, Adam and EMA, fsdp over the slice. The largest batch per chip for a remat
 policy: the peak fitted as affine in batch x tokens over every compile of that model, slice and policy (1
-and 2 images per chip to start), the predicted largest batch compiled to confirm it (after a refusal,
-bisected between the largest batch that compiled and the smallest refused). fsdp: SD3 Medium's train
+and 2 images per chip to start), the predicted largest batch compiled to confirm it (after a refusal, the
+next probe 5% below it, the step doubling with each refusal in a row). fsdp: SD3 Medium's train
 step on 4 v5p chips (fsdp=4, 256 px, 4 images per chip): compiled arguments per chip against
 (fp32 params + Adam moments + EMA) / 4 plus the batch.
 """
@@ -131,7 +131,8 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     """Largest images per chip that fit at `res`. The peak is taken as affine in batch x tokens (the flash
     kernel keeps attention linear in the sequence), fitted on every compile of this model, slice and
     policy so far (`points`, extended here); the predicted largest batch is compiled to confirm it, and
-    after a refusal the search bisects between the largest batch that compiled and the smallest refused.
+    after a refusal the search steps down from the smallest batch refused, 5% and doubling (rows found
+    before 2026-12-04 15:40 bisected instead: their `checked` lists say so).
     Two compiles start a policy's fit (1 and 2 per chip); the peak at 1 per chip, where the fit table has
     it (`first`), is a free point."""
     hbm, tok = plan.chip_hbm(devices[0]), _tokens(res)
@@ -153,19 +154,20 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
         return {"max_per_chip": 0, "checked": checked}
     if _affine(points) is None and not compile_at(2):
         return {"max_per_chip": 1, "checked": checked}
-    # lo fits, hi does not: the fit's prediction is compiled; after a refusal, the next is the midpoint
-    # (the compiler's peak is not quite monotonic in the batch, so the fit alone can circle).
-    lo, hi, bisect = max((b for b, t, _ in points if t == tok), default=0), 257, False
+    # lo fits, hi does not: the fit's prediction is compiled; after a refusal the next probe is 5% below
+    # it, and the step doubles with every refusal in a row (the fit is usually within a tenth, and the
+    # compiler's peak is not quite monotonic in the batch, so the fit alone can circle).
+    lo, hi, refused, drop = max((b for b, t, _ in points if t == tok), default=0), 257, False, 0.05
     while hi - lo > 1 and lo < 256:
         fixed, slope = _affine(points)
         pred = int((hbm - fixed) // (slope * tok))
-        if not bisect and pred <= lo:
+        if not refused and pred <= lo:
             break  # the fit says one more does not fit
-        n = max(lo + 1, min((lo + hi) // 2 if bisect else pred, hi - 1, 256))
+        n = max(lo + 1, min(int(hi * (1 - drop)) if refused else pred, hi - 1, 256))
         if compile_at(n):
-            lo, bisect = n, False
+            lo, refused = n, False
         else:
-            hi, bisect = n, True
+            hi, drop, refused = n, (min(2 * drop, 0.5) if refused else 0.05), True
     n = lo
     fixed, slope = _affine(points)
     return {
@@ -394,8 +396,8 @@ def render(results_dir: str) -> list[str]:
             "the compiler asked for before it stopped. Largest images per chip under each remat policy "
             "(`--task max-batch`): the peak is fitted as affine in batch x tokens over every compile of "
             "that model, slice and policy (the splash kernel keeps attention linear in the sequence); the "
-            "predicted largest batch is compiled to confirm it fits (after a refusal, bisected between the "
-            "largest batch that compiled and the smallest refused: the compiler's peak is not quite "
+            "predicted largest batch is compiled to confirm it fits (after a refusal, the next probe is 5% "
+            "below it, the step doubling with each refusal in a row; the compiler's peak is not quite "
             "monotonic in the batch), and one more is predicted not to or was refused; 256 is the search's "
             "cap, 0 means one image does not fit, - not measured yet (each search is 1-13 compiles of "
             "minutes on this host).",
