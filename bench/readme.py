@@ -100,10 +100,16 @@ def _tpu() -> str:
                 cells.append(f"{r['peak_gib']:.1f}" if r["fits"] else f"{r['peak_gib']:.1f} (does not fit)")
         return " / ".join(cells)
 
+    best = {}  # (model, slice) -> {(remat, res): largest}
+    for r in _results("tpu-fit-max-batch.json"):
+        best.setdefault((r["model"], r["topology"]), {})[r["remat"], r["res"]] = r["max_per_chip"]
     found = [
-        f"{NAMES[r['model']]} on {r['topology']} at {r['res']} px with remat {r['remat']}: "
-        f"{r['max_per_chip']}{' (the cap)' if r['max_per_chip'] == 256 else ''}"
-        for r in _results("tpu-fit-max-batch.json")
+        f"{NAMES[m]} on {t}: "
+        + ", ".join(
+            f"{remat} " + " / ".join(str(cells.get((remat, res), "-")) for res in (256, 512, 1024))
+            for remat in ("none", "full", "dots")
+        )
+        for (m, t), cells in best.items()
     ]
     fsdp = _results("tpu-fit-fsdp.json")[0]
     att = {(r["chip"], r["kernel"]): r for r in _results("tpu-attention.json")}
@@ -119,7 +125,8 @@ def _tpu() -> str:
         "params, Adam and EMA, one image per chip, 8 chips, GiB per chip at 256 / 512 / 1024 px): "
         f"SD3 Medium {row('sd3_medium', 'v5e:2x4')} on v5e, {row('sd3_medium', 'v5p:2x2x2')} on v5p; "
         f"SD3.5 Large {row('sd35_large', 'v5p:2x2x2')} on v5p. Largest images per chip found so far "
-        f"(`--task max-batch`): {'; '.join(found)}. SD3 Medium's train step on "
+        f"(`--task max-batch`, remat policy then 256 / 512 / 1024 px, 256 the search's cap): "
+        f"{'; '.join(found)}. SD3 Medium's train step on "
         f"{fsdp['topology']} (fsdp={fsdp['fsdp']}, {fsdp['res']} px, {fsdp['per_chip']} images per chip) "
         f"takes {fsdp['argument_gib']:.2f} GiB of arguments per chip, {fsdp['ratio']:.3f}x (fp32 params + "
         "Adam + EMA) / 4 plus the batch. Attention forward and backward at 4429 tokens (batch 2, 24 heads; "
