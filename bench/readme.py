@@ -176,6 +176,32 @@ def _controlnet() -> str:
     )
 
 
+def _gpu() -> str:
+    smp, trn = _load(BENCH, "sampling-gpu.json"), _load(BENCH, "training-gpu.json")
+    m = smp["meta"]
+    loops = "; ".join(
+        f"{r['images']} image{'s' if r['images'] > 1 else ''}: {r['jax_s_per_image']:.2f} s per image "
+        f"against {r['torch_s_per_image']:.2f} s ({r['ratio']:.2f}x), loop MFU {r['jax_mfu_peak']:.0%} "
+        f"of the datasheet peak, {r['jax_mfu_matmul']:.0%} of the measured matmul rate"
+        for r in smp["loop"]
+    )
+    ok = [r for r in trn["results"] if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["images_per_s"])
+    comp = _results("compile-gpu.json")
+    each = ", ".join(f"{NAMES[k]} {v['compile_s']:.1f} s" for k, v in comp.items())
+    rate = max(r["tflops"] for r in _results("matmul-gpu.json") if r["framework"] == "jax")
+    return (
+        f"- GPU ({m['device_kind']}, jax {m['jax']}, torch {m['torch']}, diffusers {m['diffusers']}, "
+        f"{m['date'][:10]}; one lease, `bench/gpu_lease.sh`): SD3 Medium at 1024x1024, 28 Euler steps with "
+        f"CFG, bf16, cuDNN attention, against `StableDiffusion3Pipeline` on the same random weights: {loops} "
+        f"(targets 1.3x and 55%: not met yet; latents within {max(r['rel_diff'] for r in smp['loop']):.3f} "
+        f"of diffusers' max in bf16). Training step at 256 px: {best['images_per_s']:.0f} images/s at batch "
+        f"{best['batch']} without remat, MFU {best['mfu_peak']:.0%} of the datasheet peak, "
+        f"{best['mfu_matmul']:.0%} of the measured matmul rate ({rate:.0f} TFLOP/s bf16; target 45%: not met "
+        f"yet). Compiling one CFG forward: {each}."
+    )
+
+
 def render() -> list[str]:
     return [
         BEGIN,
@@ -183,6 +209,7 @@ def render() -> list[str]:
         _conversion(),
         _cpu_training(),
         _cpu_sampling(),
+        _gpu(),
         _tpu(),
         _demo(),
         _dpo(),

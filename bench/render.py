@@ -73,6 +73,9 @@ LIMITS = {
 }
 
 
+NO_GPU = "**GPU: not measured (no GPU result file; the lease-sized `bench/gpu_lease.sh` leaves it out).**"
+
+
 def _machine_line(meta: dict[str, Any]) -> str:
     dev = meta.get("device_kind", meta.get("device", "?"))
     parts = [f"device `{dev}`"]
@@ -111,7 +114,10 @@ def _section(results_dir: str, name: str, title: str, cols, header_of=None) -> l
     for device in ("gpu", "cpu"):
         found_here = variants(results_dir, name, device)
         if not found_here and device == "gpu":
-            out += ["**GPU: not measured in this session: no GPU was lent.**", ""]
+            out += [
+                NO_GPU,
+                "",
+            ]
         for sub, res in found_here:
             found = True
             out += _variant(sub, res, cols, header_of)
@@ -258,7 +264,10 @@ def _loop_section(results_dir: str) -> list[str]:
     for device in ("gpu", "cpu"):
         found = variants(results_dir, "sampling", device)
         if not found and device == "gpu":
-            out += ["**GPU: not measured in this session: no GPU was lent.**", ""]
+            out += [
+                NO_GPU,
+                "",
+            ]
         for sub, res in found:
             out += [f"### {sub}", "", _sampling_header(res), ""]
             out += [table(res["loop"], LOOP_COLS, markdown=True), ""]
@@ -296,7 +305,10 @@ def _compile_section(results_dir: str) -> list[str]:
         res = load_result(os.path.join(results_dir, f"compile-{device}.json"))
         if res is None:
             if device == "gpu":
-                out += ["**GPU: not measured in this session: no GPU was lent.**", ""]
+                out += [
+                    NO_GPU,
+                    "",
+                ]
             continue
         meta = res["meta"]
         rows = [dict(preset=k, **v) for k, v in res["results"].items()]

@@ -199,6 +199,7 @@ def main() -> None:
     common.add_common_args(ap, "sampling")
     ap.add_argument("--batches", default=None, help="images per batch, comma-separated (default: preset)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 28)")
+    ap.add_argument("--attention", default="auto", help="sd3_jax attention backend (nn/attention.py)")
     ap.add_argument("--forward-repeats", type=int, default=None, help="default: 5 on cpu, 10 on gpu")
     ap.add_argument("--loop-repeats", type=int, default=None, help="default: 2 on cpu, 3 on gpu")
     ap.add_argument(
@@ -216,6 +217,7 @@ def main() -> None:
     import torch
 
     from sd3_jax.flops import mmdit_forward_flops
+    from sd3_jax.nn.attention import select_backend
 
     pre = common.preset(a.device)
     a.forward_repeats = a.forward_repeats or (5 if a.device == "cpu" else 10)
@@ -235,7 +237,7 @@ def main() -> None:
         threads = [default_threads] + ([1] if a.device == "cpu" and default_threads > 1 else [])
 
     ref, cfg, params = common.model_pair(pre.model)
-    cfg = cfg.replace(dtype=jdtype)
+    cfg = cfg.replace(dtype=jdtype, attention=a.attention)
     ref = ref.to(dev) if tdtype == torch.float32 else ref.to(dev, tdtype)
     params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, jdtype), params))
     pipe = diffusers_pipeline(ref)
@@ -254,13 +256,7 @@ def main() -> None:
     )  # fmt: skip
     fwd_rows, loop_rows = [], []
     rng = np.random.default_rng(0)
-    for b in batches:
-        fwd_row, loop_row = bench_batch(s, b, rng)
-        fwd_rows.append(fwd_row)
-        loop_rows.append(loop_row)
 
-    print("\nforward (one CFG step)\n" + common.table(fwd_rows, common.FORWARD_COLS))
-    print(f"\ndenoising loop ({steps} steps, CFG {GUIDANCE})\n" + common.table(loop_rows, common.LOOP_COLS))
     config = dict(
         model=pre.name,
         mmdit=dict(depth=cfg.depth, num_heads=cfg.num_heads, head_dim=cfg.head_dim, width=cfg.width),
@@ -272,7 +268,7 @@ def main() -> None:
         shift=SHIFT,
         dtype=pre.dtype,
         gflop_per_forward=f1 / 1e9,
-        jax_attention=cfg.attention,
+        jax_attention=select_backend(jdtype) if cfg.attention == "auto" else cfg.attention,
         torch_attention="diffusers default (JointAttnProcessor2_0, F.scaled_dot_product_attention)",
     )
     notes = [
@@ -290,9 +286,15 @@ def main() -> None:
             "slows down many-fold when another process holds a core. XLA's CPU client uses its own thread "
             "pool over the cores it may use."
         )
-    common.write_result(
-        common.out_path(a, "sampling"), meta, fwd_rows, loop=loop_rows, config=config, notes=notes
-    )
+    for b in batches:  # written after each batch: a run stopped early keeps what it measured
+        fwd_row, loop_row = bench_batch(s, b, rng)
+        fwd_rows.append(fwd_row)
+        loop_rows.append(loop_row)
+        common.write_result(
+            common.out_path(a, "sampling"), meta, fwd_rows, loop=loop_rows, config=config, notes=notes
+        )
+    print("\nforward (one CFG step)\n" + common.table(fwd_rows, common.FORWARD_COLS))
+    print(f"\ndenoising loop ({steps} steps, CFG {GUIDANCE})\n" + common.table(loop_rows, common.LOOP_COLS))
 
 
 if __name__ == "__main__":

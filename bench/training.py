@@ -215,13 +215,13 @@ def run_cpu(a, pre, meta, rows: list, threads: list[int]) -> None:
         print(common.table(rows[-2:], common.TRAIN_COLS), flush=True)
 
 
-def run_gpu(a, pre, meta, rows: list) -> None:
+def run_gpu(a, pre, meta, rows: list, save) -> None:
     import jax
     import numpy as np
 
     from sd3_jax.flops import mmdit_forward_flops
 
-    cfg = pre.model
+    cfg = pre.model.replace(attention=a.attention)
     for size in a.sizes:
         lat = size // 8
         batches = a.batches or DEFAULTS["gpu"]["batches"][size]
@@ -241,10 +241,12 @@ def run_gpu(a, pre, meta, rows: list) -> None:
                 gc.collect()
                 jax.clear_caches()
                 print(common.table(rows[-1:], common.TRAIN_COLS), flush=True)
+                save()  # after each row: a run stopped early keeps what it measured
                 if rows[-1]["status"] == "OOM":
                     break
         if a.with_torch:
             run_torch_gpu(a, pre, meta, rows, size, batches)
+            save()
 
 
 def run_torch_gpu(a, pre, meta, rows: list, size: int, batches) -> None:
@@ -282,6 +284,7 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="batch sizes to try, comma-separated (default: preset)")
     ap.add_argument("--remat", default=None, help="remat policies to try: none, full, dots, dots_no_batch")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--attention", default="auto", help="sd3_jax attention backend (nn/attention.py)")
     ap.add_argument("--with-torch", action="store_true", help="gpu: also time the PyTorch step")
     ap.add_argument(
         "--torch-threads", default=None, help="cpu: torch thread counts to try (default: default,1)"
@@ -297,42 +300,49 @@ def main() -> None:
     pre = common.preset(a.device)
     meta = common.machine_info(threads=a.threads)
     rows: list = []
+    threads: list = []
+
+    def save() -> None:
+        config = dict(
+            model=pre.name,
+            text_len=pre.text_len,
+            dtype=pre.dtype,
+            sizes=list(a.sizes),
+            remat=list(a.remat),
+            ema=EMA,
+        )
+        notes = ["Seconds per step are medians of the repeats after two warmup steps (the first compiles)."]
+        if a.device == "cpu":
+            notes.append(
+                f"fp32 on {common.cores_used(meta)} (load average "
+                f"{meta['load_avg_1m_start']} at the start); sd3_jax and PyTorch repeats interleaved; "
+                f"PyTorch timed at torch threads {threads} and reported at the setting with the lowest "
+                "median (`torch_threads`)."
+            )
+        else:
+            ok = [r for r in rows if r["status"] == "ok" and r["framework"] == "sd3_jax"]
+            for size in a.sizes:
+                best = max(
+                    (r for r in ok if r["size"] == size), key=lambda r: r["images_per_s"], default=None
+                )
+                if best:
+                    notes.append(
+                        f"{size} px: best sd3_jax {best['images_per_s']:.1f} images/s at batch "
+                        f"{best['batch']}, remat {best['remat']}."
+                    )
+        common.write_result(common.out_path(a, "training"), meta, rows, config=config, notes=notes)
+
     if a.device == "cpu":
         import torch
 
         n0 = torch.get_num_threads()
-        threads = [n0 if n == "default" else int(n) for n in (a.torch_threads or "default,1").split(",")]
-        threads = [a.threads] if a.threads else list(dict.fromkeys(threads))
+        threads[:] = [n0 if n == "default" else int(n) for n in (a.torch_threads or "default,1").split(",")]
+        threads[:] = [a.threads] if a.threads else list(dict.fromkeys(threads))
         run_cpu(a, pre, meta, rows, threads)
     else:
-        run_gpu(a, pre, meta, rows)
+        run_gpu(a, pre, meta, rows, save)
     print("\n" + common.table(rows, common.TRAIN_COLS))
-    config = dict(
-        model=pre.name,
-        text_len=pre.text_len,
-        dtype=pre.dtype,
-        sizes=list(a.sizes),
-        remat=list(a.remat),
-        ema=EMA,
-    )
-    notes = ["Seconds per step are medians of the repeats after two warmup steps (the first compiles)."]
-    if a.device == "cpu":
-        notes.append(
-            f"fp32 on {common.cores_used(meta)} (load average "
-            f"{meta['load_avg_1m_start']} at the start); sd3_jax and PyTorch repeats interleaved; PyTorch "
-            f"timed at torch threads {threads} and reported at the setting with the lowest median "
-            "(`torch_threads`)."
-        )
-    else:
-        ok = [r for r in rows if r["status"] == "ok" and r["framework"] == "sd3_jax"]
-        for size in a.sizes:
-            best = max((r for r in ok if r["size"] == size), key=lambda r: r["images_per_s"], default=None)
-            if best:
-                notes.append(
-                    f"{size} px: best sd3_jax {best['images_per_s']:.1f} images/s at batch "
-                    f"{best['batch']}, remat {best['remat']}."
-                )
-    common.write_result(common.out_path(a, "training"), meta, rows, config=config, notes=notes)
+    save()
 
 
 if __name__ == "__main__":

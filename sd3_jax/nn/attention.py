@@ -112,16 +112,34 @@ def _cudnn_head_dim_ok(head_dim: int) -> bool:
 
 
 def _cudnn(q, k, v, mask):
-    """cuDNN flash attention. It takes any sequence length without a mask; with one (a bias to cuDNN) the
-    backward wants even lengths, so odd ones are padded by one masked key (and one query, sliced off)."""
+    """cuDNN flash attention. Its backward wants even lengths (jax 0.11 on an H200: "Unsupported sequence
+    length Q 589, KV 589" at 256 px), so odd ones are padded by one: without a mask the pad is left out
+    through the sequence lengths (cuDNN's padding mask), with one (a bias to cuDNN) through the mask; padded
+    queries are sliced off."""
     if not _cudnn_head_dim_ok(q.shape[-1]):
         raise ValueError(
             f"attention backend 'cudnn' needs a head width that is a multiple of 8 and <= 128, "
             f"got {q.shape[-1]}"
         )
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     l, s = q.shape[1], k.shape[1]
+    if mask is None:
+        if l % 2 == 0 and s % 2 == 0:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        # jax 0.11's cuDNN backward refuses odd lengths even without a bias: pad by one and leave the pad
+        # out through the sequence lengths (cuDNN's padding mask; no (L, S) bias is materialised).
+        b = q.shape[0]
+        q = jnp.pad(q, ((0, 0), (0, l % 2), (0, 0), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, s % 2), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, s % 2), (0, 0), (0, 0)))
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            query_seq_lengths=jnp.full((b,), l, jnp.int32),
+            key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+            implementation="cudnn",
+        )
+        return out[:, :l]
     pl, ps = l % 2, s % 2
     if pl or ps:
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], l, s))
