@@ -12,6 +12,7 @@ into place at the end: a conversion that fails or is killed leaves nothing that 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -264,11 +265,11 @@ def _read_direct(state: str, targets: Any, largest: int) -> Any:
         out = buffer(t)
         return out, ts.array(out).write(store)
 
-    placed, pending, in_flight = [], [], 0
+    placed, pending, in_flight = [], collections.deque(), 0
 
     def finish():
         nonlocal in_flight
-        out, write, t = pending.pop(0)
+        out, write, t = pending.popleft()
         write.result()
         in_flight -= out.nbytes
         out.flags.writeable = False  # the array's alone; on CPU device_put adopts it
