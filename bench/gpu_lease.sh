@@ -5,9 +5,14 @@
 #
 # A smoke check of the cuDNN attention at SD3 Medium's 1024 px shape against XLA's (the backend falls back
 # to xla for the run if it fails), the matmul rate, sampling (batches 1 and 4; 3 forward and 2 loop
-# repeats), one training sweep (256 px, no remat, batches 32 and 48) and the compile times, as far as the
-# time goes. Conversion (disk-bound, measured on the CPU host) is left out. Results land in
-# bench/results/*-gpu.json, each written as soon as a row is measured, and are copied to $OUT when set.
+# repeats), one training sweep (256 px, no remat, batches 32 and 48), the compile times and a profile of
+# the forward and the gradient by op kind (bench/profile_gpu.py), as far as the time goes. Conversion
+# (disk-bound, measured on the CPU host) is left out. Results land in bench/results/*-gpu.json, each
+# written as soon as a row is measured, and are copied to $OUT when set.
+#
+# On the lent H200 (jax 0.11, flax, optax, torch, transformers installed) carry as wheels: diffusers,
+# importlib_metadata, grain, array_record and portpicker (2026-12-04: 11 MB together), installed with
+# `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and PYTHONPATH=/tmp/site.
 set -u
 cd "$(dirname "$0")/.."
 deadline=$((SECONDS + ${1:-540}))
@@ -43,8 +48,9 @@ assert np.isfinite(err) and err < 5e-2, err
 PY
 echo "attention backend for this run: $ATT"
 
-stage 60 $PY bench/matmul.py --device gpu
+stage 100 $PY bench/matmul.py --device gpu
 stage 330 $PY bench/sampling.py --device gpu --attention "$ATT" --forward-repeats 3 --loop-repeats 2
 stage 150 $PY bench/training.py --device gpu --attention "$ATT" --sizes 256 --remat none --batches 32,48
 stage 120 env JAX_PLATFORMS=cuda $PY bench/compile.py --out bench/results/compile-gpu.json
+stage 90 $PY bench/profile_gpu.py --device gpu
 if [[ -n "${OUT:-}" ]]; then cp bench/results/*-gpu.json "$OUT"/ 2>/dev/null; ls -la "$OUT"; fi
