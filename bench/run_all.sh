@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs the benchmarks of one device preset, then regenerates BENCHMARKS.md from bench/results/*.json.
 #
-#   bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion] [--tpu-fit]
+#   bench/run_all.sh [--device cpu|gpu|both] [--full] [--skip-conversion] [--tpu-fit]
 #
 # cpu (default): the small configs on this host, each script a few minutes at most; sampling and training
 #   run twice, each framework with its default threads and then both pinned to one thread.
-# gpu: the full SD3 Medium sizes on the first GPU (sampling at 1024 px, training sweeps at 256 and 512 px).
+# gpu: SD3 Medium on the first GPU, cut to one 15-minute lease (bench/gpu_lease.sh, about 9 minutes:
+#   matmul, sampling at 1024 px, training at 256 px, compile, profile); with --full the whole sweep
+#   (training at 256 and 512 px under two remat policies, conversion: an hour or more).
 # both: cpu, then gpu.
 # --tpu-fit: also the TPU fit table (bench/tpu_fit.py: hours of TPU compiles on this host, resumable).
 set -euo pipefail
@@ -14,12 +16,14 @@ cd "$(dirname "$0")/.."
 DEVICE=cpu
 CONVERSION=1
 TPU_FIT=0
+FULL=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --skip-conversion) CONVERSION=0; shift ;;
+    --full) FULL=1; shift ;;
     --tpu-fit) TPU_FIT=1; shift ;;
-    *) echo "usage: bench/run_all.sh [--device cpu|gpu|both] [--skip-conversion] [--tpu-fit]" >&2; exit 2 ;;
+    *) echo "usage: bench/run_all.sh [--device cpu|gpu|both] [--full] [--skip-conversion] [--tpu-fit]" >&2; exit 2 ;;
   esac
 done
 case "$DEVICE" in
@@ -32,6 +36,11 @@ esac
 if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
 
 for d in "${DEVICES[@]}"; do
+  if [[ "$d" == gpu && "$FULL" == 0 ]]; then
+    echo "== gpu: the lease-sized run (bench/gpu_lease.sh; --full for the whole sweep)"
+    bash bench/gpu_lease.sh
+    continue
+  fi
   if [[ "$d" == gpu ]]; then platform=cuda; else platform=cpu; fi
   echo "== $d: matmul rate"
   python bench/matmul.py --device "$d"
