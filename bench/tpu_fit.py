@@ -158,6 +158,10 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     # it, and the step doubles with every refusal in a row (the fit is usually within a tenth, and the
     # compiler's peak is not quite monotonic in the batch, so the fit alone can circle).
     lo, hi, refused, drop = max((b for b, t, _ in points if t == tok), default=0), 257, False, 0.05
+    if lo == 0:  # nothing compiled at this length: one per chip is compiled, never extrapolated to 0
+        if not compile_at(1):
+            return {"max_per_chip": 0, "checked": checked}
+        lo = 1
     while hi - lo > 1 and lo < 256:
         fixed, slope = _affine(points)
         pred = int((hbm - fixed) // (slope * tok))
