@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,18 +64,6 @@ def trace_kinds(fn, calls: int = 3) -> dict[str, float]:
                 if not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
                     kinds[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns
     return {k: v / 1e6 / calls for k, v in kinds.most_common()}
-
-
-def best_of(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def programs(device: str):
@@ -132,7 +119,7 @@ def main() -> None:
     meta = common.machine_info(with_torch=False)
     rows, profiles = [], {}
     for name, fn, flops in programs(a.device):
-        wall = best_of(fn, a.repeats)
+        wall = common.time_it(fn, warmup=1, repeats=a.repeats)["min_s"]
         kinds = trace_kinds(fn)
         kernel = sum(kinds.values()) / 1e3
         by_class: collections.Counter = collections.Counter()

@@ -300,7 +300,7 @@ def main() -> None:
     pre = common.preset(a.device)
     meta = common.machine_info(threads=a.threads)
     rows: list = []
-    threads: list = []
+    threads: list = []  # the torch thread counts tried on CPU, read by save()
 
     def save() -> None:
         config = dict(
@@ -336,8 +336,8 @@ def main() -> None:
         import torch
 
         n0 = torch.get_num_threads()
-        threads[:] = [n0 if n == "default" else int(n) for n in (a.torch_threads or "default,1").split(",")]
-        threads[:] = [a.threads] if a.threads else list(dict.fromkeys(threads))
+        threads = [n0 if n == "default" else int(n) for n in (a.torch_threads or "default,1").split(",")]
+        threads = [a.threads] if a.threads else list(dict.fromkeys(threads))
         run_cpu(a, pre, meta, rows, threads)
     else:
         run_gpu(a, pre, meta, rows, save)

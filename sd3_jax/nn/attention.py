@@ -121,34 +121,21 @@ def _cudnn(q, k, v, mask):
             f"attention backend 'cudnn' needs a head width that is a multiple of 8 and <= 128, "
             f"got {q.shape[-1]}"
         )
-    l, s = q.shape[1], k.shape[1]
-    if mask is None:
-        if l % 2 == 0 and s % 2 == 0:
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        # jax 0.11's cuDNN backward refuses odd lengths even without a bias: pad by one and leave the pad
-        # out through the sequence lengths (cuDNN's padding mask; no (L, S) bias is materialised).
-        b = q.shape[0]
-        q = jnp.pad(q, ((0, 0), (0, l % 2), (0, 0), (0, 0)))
-        k = jnp.pad(k, ((0, 0), (0, s % 2), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, s % 2), (0, 0), (0, 0)))
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            query_seq_lengths=jnp.full((b,), l, jnp.int32),
-            key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
-            implementation="cudnn",
-        )
-        return out[:, :l]
+    b, l, s = q.shape[0], q.shape[1], k.shape[1]
     pl, ps = l % 2, s % 2
-    if pl or ps:
-        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], l, s))
+    q = jnp.pad(q, ((0, 0), (0, pl), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    kw = {}
+    if mask is not None and (pl or ps):
+        mask = jnp.broadcast_to(mask, (b, q.shape[2], l, s))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pl), (0, ps)))
         mask = mask.at[:, :, l:, 0].set(True)  # padded queries attend somewhere (their output is dropped)
-        q = jnp.pad(q, ((0, 0), (0, pl), (0, 0), (0, 0)))
-        k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    elif pl or ps:  # the padding mask through the sequence lengths: no (L, S) bias is materialised
+        kw = dict(
+            query_seq_lengths=jnp.full((b,), l, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32)
+        )
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn", **kw)
     return out[:, :l]
 
 
