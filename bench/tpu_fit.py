@@ -14,8 +14,10 @@ done and skipped when present, so an interrupted run resumes. Sampling: 1024x102
 compiled once per slice and batch. Training: one image per chip at 256, 512 and 1024 px, 333 text tokens,
 bf16 compute with fp32 params, Adam and EMA, fsdp over the slice. The largest batch per chip for a remat
 policy: the peak fitted as affine in batch x tokens over every compile of that model, slice and policy (1
-and 2 images per chip to start), the predicted largest batch compiled to confirm it (after a refusal, the
-next probe 5% below it, the step doubling with each refusal in a row). fsdp: SD3 Medium's train
+and 2 images per chip to start, or the same model and policy's fit on another slice of as many chips until
+this one has two compiles), the predicted largest batch compiled to confirm it (after a refusal, the next
+probe 5% below it, the step doubling with each refusal in a row); a resolution where a smaller one does
+not fit one image per chip is 0 without a compile. fsdp: SD3 Medium's train
 step on 4 v5p chips (fsdp=4, 256 px, 4 images per chip): compiled arguments per chip against
 (fp32 params + Adam moments + EMA) / 4 plus the batch.
 """
@@ -127,14 +129,16 @@ def _affine(points: list[tuple[int, int, int]]) -> tuple[float, float] | None:
     return fixed, max(slope, 1.0)
 
 
-def max_batch(model: str, res: int, devices, remat: str, points: list, first=None) -> dict:
+def max_batch(model: str, res: int, devices, remat: str, points: list, first=None, prior=None) -> dict:
     """Largest images per chip that fit at `res`. The peak is taken as affine in batch x tokens (the flash
     kernel keeps attention linear in the sequence), fitted on every compile of this model, slice and
     policy so far (`points`, extended here); the predicted largest batch is compiled to confirm it, and
     after a refusal the search steps down from the smallest batch refused, 5% and doubling (rows found
     before 2026-12-04 15:40 bisected instead: their `checked` lists say so).
-    Two compiles start a policy's fit (1 and 2 per chip); the peak at 1 per chip, where the fit table has
-    it (`first`), is a free point."""
+    Until two compiles of this slice are known, `prior` (fixed, per token-image bytes: the same model and
+    policy fitted on another slice with as many chips) stands in for the fit, its fixed part moved to pass
+    through this slice's one compile when there is one; without a prior, two compiles start the fit (1
+    and 2 per chip). The peak at 1 per chip, where the fit table has it (`first`), is a free point."""
     hbm, tok = plan.chip_hbm(devices[0]), _tokens(res)
     checked = []
 
@@ -149,31 +153,44 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
             points.append((n, tok, peak))
         return ok
 
+    def fit() -> tuple[float, float] | None:
+        own = _affine(points)
+        if own is not None or prior is None:
+            return own
+        fixed, slope = prior
+        if points:
+            b, t, p = points[-1]
+            fixed = p - slope * b * t
+        return fixed, slope
+
     fresh = not any(t == tok for _, t, _ in points)
-    if fresh and (first is not None or not points) and not compile_at(1):  # 1 costs no compile with `first`
+    if fresh and first is not None and not compile_at(1):  # costs no compile
         return {"max_per_chip": 0, "checked": checked}
-    if _affine(points) is None and not compile_at(2):
-        return {"max_per_chip": 1, "checked": checked}
+    if fit() is None:
+        if not points and not compile_at(1):
+            return {"max_per_chip": 0, "checked": checked}
+        if _affine(points) is None and not compile_at(2):
+            return {"max_per_chip": 1, "checked": checked}
     # lo fits, hi does not: the fit's prediction is compiled; after a refusal the next probe is 5% below
     # it, and the step doubles with every refusal in a row (the fit is usually within a tenth, and the
     # compiler's peak is not quite monotonic in the batch, so the fit alone can circle).
     lo, hi, refused, drop = max((b for b, t, _ in points if t == tok), default=0), 257, False, 0.05
-    if lo == 0:  # nothing compiled at this length: one per chip is compiled, never extrapolated to 0
-        if not compile_at(1):
-            return {"max_per_chip": 0, "checked": checked}
-        lo = 1
     while hi - lo > 1 and lo < 256:
-        fixed, slope = _affine(points)
+        fixed, slope = fit()
         pred = int((hbm - fixed) // (slope * tok))
         if not refused and pred <= lo:
-            break  # the fit says one more does not fit
+            if lo:
+                break  # the fit says one more does not fit
+            pred = 1  # nothing compiled at this length: one per chip is compiled, never extrapolated to 0
         n = max(lo + 1, min(int(hi * (1 - drop)) if refused else pred, hi - 1, 256))
         if compile_at(n):
             lo, refused = n, False
         else:
             hi, drop, refused = n, (min(2 * drop, 0.5) if refused else 0.05), True
     n = lo
-    fixed, slope = _affine(points)
+    if n == 0:
+        return {"max_per_chip": 0, "checked": checked}
+    fixed, slope = fit()
     return {
         "max_per_chip": n,
         "checked": checked,
@@ -245,18 +262,35 @@ def _points(doc: dict, train: dict, key: tuple) -> list:
     return points
 
 
-def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...]) -> None:
+def _prior(doc: dict, train: dict, model: str, topology: str, remat: str, chips: dict):
+    """The affine fit of `model` under `remat` on the slice with as many chips as `topology` that has the
+    most compiles, or None."""
+    best = max(
+        (
+            _points(doc, train, (model, t, remat))
+            for t in chips
+            if t != topology and chips[t] == chips[topology]
+        ),
+        key=len,
+        default=[],
+    )
+    return _affine(best)
+
+
+def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...], models=MODELS) -> None:
     """The largest batch per chip under each remat policy for the training rows of `topologies` (in their
     own file, so that it can run beside `--task train`), one model, slice and policy at a time so that
     each search starts from the fit of the resolutions before it."""
     train = {(r["model"], r["topology"], r["res"]): r for r in _load(train_json)["results"]}
     doc = _load(out)
     done = {(r["model"], r["topology"], r["res"], r["remat"]) for r in doc["results"]}
+    chips = {r["topology"]: r["chips"] for r in train.values()}
     for topology in topologies:
         devices = None
-        for model in MODELS:
+        for model in models:
             for remat in MAX_BATCH_REMAT:
                 points = _points(doc, train, (model, topology, remat))
+                prior = _prior(doc, train, model, topology, remat, chips)
                 for res in (256, 512, 1024):
                     row = train.get((model, topology, res))
                     if row is None or (model, topology, res, remat) in done:
@@ -265,7 +299,15 @@ def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...]) -> Non
                     first = None
                     if remat == "none":
                         first = row["peak_gib"] * plan.GIB if row["fits"] else plan.chip_hbm(devices[0]) + 1
-                    found = max_batch(model, res, devices, remat, points, first)
+                    smaller = [r for r in doc["results"] if (r["model"], r["topology"], r["remat"]) == (
+                        model, topology, remat) and r["res"] < res and r["max_per_chip"] == 0]  # fmt: skip
+                    if smaller and first is None:  # more tokens take more memory: no compile needed
+                        found = {
+                            "max_per_chip": 0,
+                            "checked": [[1, "does not fit", 0, f"{smaller[0]['res']} px"]],
+                        }
+                    else:
+                        found = max_batch(model, res, devices, remat, points, first, prior)
                     doc["results"].append(
                         {"model": model, "topology": topology, "res": res, "remat": remat, **found}
                     )
@@ -399,12 +441,13 @@ def render(results_dir: str) -> list[str]:
             "One image per chip, no remat; a row that does not fit shows the arguments plus the temporaries "
             "the compiler asked for before it stopped. Largest images per chip under each remat policy "
             "(`--task max-batch`): the peak is fitted as affine in batch x tokens over every compile of "
-            "that model, slice and policy (the splash kernel keeps attention linear in the sequence); the "
+            "that model, slice and policy (the splash kernel keeps attention linear in the sequence; until a "
+            "slice has two compiles, the same model and policy's fit on another 8-chip slice stands in); the "
             "predicted largest batch is compiled to confirm it fits (after a refusal, the next probe is 5% "
             "below it, the step doubling with each refusal in a row; the compiler's peak is not quite "
             "monotonic in the batch), and one more is predicted not to or was refused; 256 is the search's "
-            "cap, 0 means one image does not fit, - not measured yet (each search is 1-13 compiles of "
-            "minutes on this host).",
+            "cap, 0 means one image does not fit (not compiled where a smaller resolution already does "
+            "not), - not measured yet (each search is 1-13 compiles of minutes on this host).",
             "",
             "| model | slice | px | peak per chip at 1 image/chip (GiB of HBM) | largest batch per chip: "
             "none / full / dots | compile s |",
@@ -463,6 +506,7 @@ def main() -> None:
         default="v5p:2x2x2,v5e:4x8",
         help="max-batch: the slices whose training rows get the largest batch per remat policy",
     )
+    ap.add_argument("--models", default=",".join(MODELS), help="max-batch: the models searched, in order")
     a = ap.parse_args()
     out = a.out or f"bench/results/tpu-fit-{a.task}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -476,7 +520,8 @@ def main() -> None:
         run_fsdp(out)
     else:
         train_json = os.path.join(os.path.dirname(out), "tpu-fit-train.json")
-        run_max_batch(train_json, out, tuple(s for s in a.max_batch_on.split(",") if s))
+        models = tuple(m for m in a.models.split(",") if m)
+        run_max_batch(train_json, out, tuple(s for s in a.max_batch_on.split(",") if s), models)
 
 
 if __name__ == "__main__":
