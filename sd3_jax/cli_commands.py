@@ -108,8 +108,10 @@ def _sample(a: argparse.Namespace) -> None:
     image = mask = None
     if a.mask and not a.image:
         raise ValueError("--mask needs --image (the picture whose masked region is repainted)")
+    if a.padding_mask_crop is not None and not a.mask:
+        raise ValueError("--padding-mask-crop needs --mask (the box is cropped around the mask)")
     if a.image:
-        if a.size:
+        if a.size and a.padding_mask_crop is None:
             raise ValueError("--size does not go with --image: the image's own size is sampled")
         with Image.open(a.image) as im:
             image = np.asarray(im.convert("RGB"))[None]
@@ -134,6 +136,7 @@ def _sample(a: argparse.Namespace) -> None:
         adapters=adapters,
         image=image,
         mask_image=mask,
+        padding_mask_crop=a.padding_mask_crop,
         strength=a.strength,
         controls=controls,
         progress=not a.no_progress,
@@ -265,6 +268,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--image", help="img2img: start from this picture (its size is sampled)")
     s.add_argument("--mask", help="inpainting, with --image: repaint where this picture is white")
+    s.add_argument(
+        "--padding-mask-crop",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="with --mask: sample only the box around the mask grown by PX pixels, at --size (default: the "
+        "checkpoint's), and paste it back into the picture at the picture's size",
+    )
     s.add_argument(
         "--strength", type=float, default=0.6, help="with --image: how far the picture is noised (0-1]"
     )

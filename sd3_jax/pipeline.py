@@ -23,7 +23,7 @@ import numpy as np
 from sd3_jax.convert.orbax_io import config_from_json
 from sd3_jax.flow import samplers as smp
 from sd3_jax.flow import schedules
-from sd3_jax.images import latent_mask
+from sd3_jax.images import crop_and_fill, crop_region, latent_mask, overlay
 from sd3_jax.nn.mmdit import MMDiT, MMDiTConfig
 from sd3_jax.nn.vae import VAE, IdentityAEConfig, VAEConfig, scale_latents, unscale_latents
 
@@ -313,6 +313,7 @@ class SD3Pipeline:
         image: Any = None,
         strength: float = 0.6,
         mask_image: Any = None,
+        padding_mask_crop: int | None = None,
         output: str = "uint8",
         vae_tile: int | None = None,
         adapters: Sequence[tuple[Any, float]] = (),
@@ -340,6 +341,12 @@ class SD3Pipeline:
             a PIL image, or (H, W), (N, H, W) or (N, H, W, 1) uint8 or [0, 1] floats, N as for `image`. As
             diffusers' StableDiffusion3InpaintPipeline: binarized, taken at every VAE-factor-th pixel, and
             the kept region put back on the image's noising path after every step.
+          padding_mask_crop: inpaint only a box around the mask, grown by this many pixels and to the
+            aspect ratio height / width, sampled at height x width (None: the checkpoint's default size)
+            and pasted back into the image, which keeps its own size (as diffusers'
+            StableDiffusion3InpaintPipeline with `padding_mask_crop`: Lanczos resizes, the original laid
+            over the result where the mask is black). `image` may then be a PIL image or (N, H, W, 3) of
+            any size, `mask_image` one mask of that size; output "uint8" or "float" (the same pixels / 255).
           output: "uint8" (N, H, W, 3), "float" ([0, 1] float32, before quantisation) or "latent".
           vae_tile: decode in tiles of this many latent pixels (bounded memory for large images).
           adapters: LoRA adapters as (sd3_jax.lora.Lora, strength) pairs, applied without merging
@@ -372,10 +379,18 @@ class SD3Pipeline:
         prompts = _as_prompts(prompt)
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image: the picture whose masked region is repainted")
+        if hasattr(image, "convert"):  # a PIL image
+            image = np.asarray(image.convert("RGB"))[None]
         if image is not None:
             image = np.asarray(image)
             if image.ndim != 4 or image.shape[-1] != 3:
                 raise ValueError(f"image must be (N, H, W, 3), got shape {image.shape}")
+        crop = None
+        if padding_mask_crop is not None:
+            crop, image, mask_image = self._crop_to_mask(
+                image, mask_image, padding_mask_crop, output, (height, width)
+            )
+        if image is not None:
             height, width = image.shape[1:3]
         self.check_size(height, width)
         n = len(prompts) * num_images_per_prompt
@@ -475,9 +490,38 @@ class SD3Pipeline:
         if output == "latent":
             return np.asarray(z.astype(jnp.float32))
         images = np.asarray(decode(self.vae_params, z, config=self.vae_config, tile=vae_tile))
+        if crop is not None:
+            box, originals, mask = crop
+            k = len(images) // len(originals)
+            images = np.stack([overlay(mask, originals[i // k], im, box) for i, im in enumerate(images)])
+            return images if output == "uint8" else images.astype(np.float32) / 255.0
         if output == "float":
             return images
         return (images * 255).round().astype(np.uint8)
+
+    def _crop_to_mask(self, image: Any, mask: Any, pad: Any, output: str, size: tuple[int, int]) -> tuple:
+        """`padding_mask_crop`: ((box, originals, mask), the box of every image and of the mask resized to
+        height x width as diffusers does). Raises one line for input it cannot take."""
+        if mask is None or image is None:
+            raise ValueError("padding_mask_crop needs image and mask_image (it crops around the mask)")
+        _check_numbers(padding_mask_crop=(pad, 0, None, int))
+        if output == "latent":
+            raise ValueError("padding_mask_crop pastes decoded pixels back: output must be uint8 or float")
+        m = np.asarray(mask.convert("L")) if hasattr(mask, "convert") else np.asarray(mask)
+        if m.ndim == 4 and m.shape[-1] == 1:
+            m = m[..., 0]
+        if m.ndim == 3 and m.shape[0] == 1:
+            m = m[0]
+        if m.ndim != 2 or m.shape != image.shape[1:3]:
+            raise ValueError(
+                f"padding_mask_crop takes one mask the size of the image, {image.shape[1]}x{image.shape[2]}; "
+                f"got {m.shape}"
+            )
+        self.check_size(*size)
+        height, width = size
+        box = crop_region(m, width, height, pad)
+        crops = np.stack([crop_and_fill(im, box, width, height, "RGB") for im in image])
+        return (box, list(image), m), crops, crop_and_fill(m, box, width, height, "L")
 
 
 def _check_numbers(**checks: tuple[Any, float | None, float | None, type]) -> None:

@@ -156,17 +156,14 @@ def test_img2img_matches_diffusers(tiny, monkeypatch):
     assert np.abs(got - ref).max() <= 1e-3
 
 
-@pytest.mark.parametrize("strength", [0.6, 1.0])
-def test_inpaint_matches_diffusers(tiny, monkeypatch, strength):
-    """`generate(image=, mask_image=)` against StableDiffusion3InpaintPipeline on the same noise. diffusers'
-    inpaint pipeline decodes without adding the VAE's shift_factor back (its txt2img and img2img pipelines
-    add it), so its latents are taken and decoded as those pipelines decode."""
+def _diffusers_inpaint(pipes, monkeypatch):
+    """StableDiffusion3InpaintPipeline over the tiny components, encoding the posterior mean as sd3-jax
+    does."""
     from diffusers import StableDiffusion3InpaintPipeline
+    from diffusers.configuration_utils import FrozenDict
     from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_inpaint as mod
-    from PIL import Image
 
-    root, pipes = tiny
-    orig = mod.retrieve_latents  # the posterior mean, as sd3-jax encodes
+    orig = mod.retrieve_latents
     monkeypatch.setattr(
         mod,
         "retrieve_latents",
@@ -174,10 +171,20 @@ def test_inpaint_matches_diffusers(tiny, monkeypatch, strength):
     )
     inpaint = StableDiffusion3InpaintPipeline(**pipes[True].components)
     # It takes 16 (or 33) channels for SD3's VAE; the tiny VAE has 4, which nothing but this check reads.
-    from diffusers.configuration_utils import FrozenDict
-
     cfg = inpaint.transformer._internal_dict
     monkeypatch.setattr(inpaint.transformer, "_internal_dict", FrozenDict({**cfg, "in_channels": 16}))
+    return inpaint
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpaint_matches_diffusers(tiny, monkeypatch, strength):
+    """`generate(image=, mask_image=)` against StableDiffusion3InpaintPipeline on the same noise. diffusers'
+    inpaint pipeline decodes without adding the VAE's shift_factor back (its txt2img and img2img pipelines
+    add it), so its latents are taken and decoded as those pipelines decode."""
+    from PIL import Image
+
+    root, pipes = tiny
+    inpaint = _diffusers_inpaint(pipes, monkeypatch)
     rng = np.random.default_rng(1)
     image = rng.uniform(0, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
     mask = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))  # greys: binarized at 0.5
@@ -201,6 +208,77 @@ def test_inpaint_matches_diffusers(tiny, monkeypatch, strength):
     assert np.abs(got - ref).max() <= 5e-3, np.abs(got - ref).max()
     plain = pipe.generate(height=SIZE, width=SIZE, output="float", progress=False, **args)
     assert np.abs(plain - ref).max() > 0.02  # the mask matters
+
+
+def test_padding_mask_crop_matches_diffusers(tiny, monkeypatch):
+    """`generate(image=, mask_image=, padding_mask_crop=)` against StableDiffusion3InpaintPipeline with
+    `padding_mask_crop` on the same noise: a 24x14 picture, a grey-edged blob in it, the box around it sampled
+    at 8x8 and pasted back. diffusers' decode gets the VAE's shift_factor back, as its txt2img pipeline
+    decodes (see test_inpaint_matches_diffusers)."""
+    from PIL import Image
+
+    root, pipes = tiny
+    inpaint = _diffusers_inpaint(pipes, monkeypatch)
+    vae = inpaint.vae
+    dec = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z, **kw: dec(z + vae.config.shift_factor, **kw))
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 256, (14, 24, 3), dtype=np.uint8)
+    m = np.zeros((14, 24), np.uint8)
+    m[4:9, 13:17] = 255
+    m[3, 13:17] = m[4:9, 12] = 100  # greys: blended in the paste, binarized for the latents
+    kw = dict(num_inference_steps=4, guidance_scale=4.0, strength=0.9, height=SIZE, width=SIZE)
+    ref = inpaint(
+        PROMPT,
+        image=Image.fromarray(picture),
+        mask_image=Image.fromarray(m),
+        padding_mask_crop=2,
+        generator=torch.Generator().manual_seed(7),
+        **kw,
+    ).images
+    ref = np.stack([np.asarray(r) for r in ref])
+    eps = torch.randn((2, 4, SIZE, SIZE), generator=torch.Generator().manual_seed(7))
+    pipe = SD3Pipeline.load(str(root / "ckpt_t51"))
+    args = dict(steps=4, guidance_scale=4.0, strength=0.9, height=SIZE, width=SIZE, progress=False)
+    args["latents"] = eps.permute(0, 2, 3, 1).numpy()
+    got = pipe.generate(PROMPT, image=Image.fromarray(picture), mask_image=m, padding_mask_crop=2, **args)
+    assert got.shape == ref.shape == (2, 14, 24, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - ref).max() <= 1, np.abs(got.astype(int) - ref).max()
+    np.testing.assert_array_equal(got[:, m == 0], np.broadcast_to(picture[m == 0], got[:, m == 0].shape))
+    assert np.abs(got.astype(int) - picture)[:, m == 255].mean() > 20  # the box was repainted
+    flt = pipe.generate(
+        PROMPT, image=picture[None], mask_image=m / 255.0, padding_mask_crop=2, output="float", **args
+    )
+    np.testing.assert_array_equal(flt, got / np.float32(255))
+
+
+def test_crop_region_is_diffusers(monkeypatch):
+    """`crop_region` equals diffusers' `get_crop_region` on random blobs, pads and aspect ratios, and
+    `crop_and_fill` its `preprocess(crops_coords=, resize_mode="fill")`, bit for bit."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from sd3_jax.images import crop_and_fill, crop_region
+
+    rng = np.random.default_rng(0)
+    proc = VaeImageProcessor(vae_scale_factor=8, do_normalize=False)
+    for _ in range(60):
+        h, w = rng.integers(8, 60, 2)
+        m = np.zeros((h, w), np.uint8)
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        m[y : y + rng.integers(1, h), x : x + rng.integers(1, w)] = rng.integers(1, 256)
+        size = tuple(int(v) for v in rng.choice([8, 16, 24, 40], 2))
+        pad = int(rng.integers(0, 12))
+        box = VaeImageProcessor.get_crop_region(Image.fromarray(m), size[1], size[0], pad=pad)
+        assert crop_region(m, size[1], size[0], pad) == box, (m.shape, size, pad)
+        picture = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = proc.preprocess(
+            Image.fromarray(picture), height=size[0], width=size[1], crops_coords=box, resize_mode="fill"
+        )
+        got = crop_and_fill(picture, box, size[1], size[0], "RGB")
+        np.testing.assert_array_equal(got, (want[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    with pytest.raises(ValueError, match="all black"):
+        crop_region(np.zeros((8, 8), np.uint8), 8, 8, 2)
 
 
 def test_latent_mask_is_diffusers_mask_processing():
@@ -571,8 +649,9 @@ def test_sample_cli_writes_png_with_metadata(tiny, tmp_path):
 
 
 def test_sample_cli_inpaints(tiny, tmp_path, capsys):
-    """`sd3-jax sample --image --mask --strength` writes what `generate(image=, mask_image=)` gives; a mask
-    without an image, a mask of another size and an unreadable image are one line, exit 2, nothing written."""
+    """`sd3-jax sample --image --mask --strength [--padding-mask-crop]` writes what `generate(image=,
+    mask_image=, padding_mask_crop=)` gives; a mask without an image, a mask of another size, an unreadable
+    image, a crop without a mask or around a black mask are one line, exit 2, nothing written."""
     from PIL import Image
 
     root, _ = tiny
@@ -602,12 +681,29 @@ def test_sample_cli_inpaints(tiny, tmp_path, capsys):
         "a cat", steps=3, seed=1, image=image[None], mask_image=mask, strength=0.8, progress=False
     )
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), want[0])
+    big, blob = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), np.zeros((12, 20), np.uint8)
+    blob[3:6, 11:15] = 255
+    Image.fromarray(big).save(tmp_path / "big.png")
+    Image.fromarray(blob).save(tmp_path / "blob.png")
+    crop = [a.replace("in.png", "big.png") for a in args] + ["--mask", str(tmp_path / "blob.png")]
+    crop += ["--padding-mask-crop", "1", "--size", f"{SIZE}x{SIZE}"]
+    assert main(crop + ["--out", str(tmp_path / "crop.png")]) == 0
+    want = pipe.generate(
+        "a cat", height=SIZE, width=SIZE, steps=3, seed=1, image=big[None], mask_image=blob, strength=0.8,
+        padding_mask_crop=1, progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "crop.png")), want[0])
+    assert want.shape == (1, 12, 20, 3)
+    Image.fromarray(blob * 0).save(tmp_path / "black.png")
     capsys.readouterr()
     bad = {
         "no image": [a for a in args if a not in ("--image", str(tmp_path / "in.png"))]
         + ["--mask", str(tmp_path / "mask.png")],
         "mask size": args + ["--mask", str(tmp_path / "small.png")],
         "unreadable": [a.replace("in.png", "bad.png") for a in args],
+        "crop without mask": args + ["--padding-mask-crop", "2"],
+        "crop of a black mask": [a.replace("blob.png", "black.png") for a in crop],
+        "negative crop": crop[:-3] + ["-1"] + crop[-2:],
     }
     for name, argv in bad.items():
         assert main(argv + ["--out", str(tmp_path / "x.png")]) == 2, name
