@@ -73,14 +73,17 @@ class Control:
             )
 
 
-def load_controlnet(source: str, dtype: Any = None, attention: str | None = None) -> ControlNetModel:
-    """A ControlNet from an sd3-jax checkpoint (`sd3-jax convert` of one, or a ControlNet training workdir),
-    a diffusers ControlNet folder, or a `.safetensors` in diffusers' or Stability's SD3.5 layout (PyTorch
-    layouts are converted in memory; nothing is written). `attention` picks its attention backend."""
+def load_controlnet(
+    source: str, dtype: Any = None, attention: str | None = None, step: int | None = None
+) -> ControlNetModel:
+    """A ControlNet from an sd3-jax checkpoint (`sd3-jax convert` of one), a ControlNet training workdir (the
+    EMA net of its checkpoint at `step`, None: the latest), a diffusers ControlNet folder, or a
+    `.safetensors` in diffusers' or Stability's SD3.5 layout (PyTorch layouts are converted in memory;
+    nothing is written). `attention` picks its attention backend."""
     from sd3_jax.convert.mapping import CheckpointError
     from sd3_jax.convert.opened import open_source
 
-    opened = open_source(source)
+    opened = open_source(source, step)
     have = opened.manifest["components"]
     if "controlnet" not in have:
         raise CheckpointError(f"{source}: not a ControlNet (it holds {', '.join(have) or 'nothing'})")

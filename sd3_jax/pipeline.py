@@ -218,6 +218,11 @@ class SD3Pipeline:
         have = manifest["components"]
         needed = ["transformer", "vae", "text_encoder", "text_encoder_2"]
         missing = [c for c in needed if c not in have]
+        if "controlnet" in have:
+            raise ValueError(
+                f"{ckpt_dir}: a ControlNet; sample a base checkpoint with it: `sd3-jax sample --checkpoint "
+                f"BASE --controlnet {ckpt_dir} --control-image IMG`"
+            )
         if missing:
             raise ValueError(
                 f"{ckpt_dir}: lacks {', '.join(missing)}; sampling needs a full pipeline (transformer, VAE, "

@@ -493,7 +493,8 @@ def test_controlnet_run_inits_as_diffusers_trains_only_the_net_and_exports(demo_
     (the base's patch embedding, embedders and first two blocks; zero controlnet blocks and input
     embedding). A 2-step run (`--set adapter=controlnet`): the state is the ControlNet alone (its Adam
     moments, no base param); WORKDIR/controlnet/ is the EMA net in diffusers' layout, which diffusers loads
-    and which steers sampling. Then `check_prepare_with_controls` on the same checkpoint."""
+    and which steers sampling; the workdir itself loads as that net at its step, and `sd3-jax export
+    WORKDIR --step 2` writes the same tensors. Then `check_prepare_with_controls` on the same checkpoint."""
     from sd3_jax.controlnet import Control, load_controlnet
     from sd3_jax.convert.mmdit import config_to_diffusers, export_mmdit
     from sd3_jax.pipeline import SD3Pipeline
@@ -540,6 +541,25 @@ def test_controlnet_run_inits_as_diffusers_trains_only_the_net_and_exports(demo_
     net = load_controlnet(str(wd / "controlnet"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(net.params), jax.device_get(state.ema_params))
     assert SD3ControlNetModel.from_pretrained(wd / "controlnet").config.num_layers == 2
+    from_run = load_controlnet(str(wd), step=2)  # the workdir itself: the EMA net of a step's checkpoint
+    assert from_run.config == net.config
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_run.params), jax.device_get(net.params))
+    with pytest.raises(ValueError, match="no checkpoint at step 1 \\(have 2\\)"):
+        load_controlnet(str(wd), step=1)
+    with pytest.raises(ValueError, match="a ControlNet; sample a base checkpoint with it"):
+        SD3Pipeline.load(str(wd))
+    from safetensors.numpy import load_file
+
+    from sd3_jax.cli import main
+
+    assert (
+        main(["export", str(wd), "--format", "diffusers", "--out", str(tmp_path / "at2"), "--step", "2"]) == 0
+    )
+    name = "diffusion_pytorch_model.safetensors"
+    want_t, got_t = load_file(wd / "controlnet" / name), load_file(tmp_path / "at2" / name)
+    assert want_t.keys() == got_t.keys()
+    for k in want_t:
+        np.testing.assert_array_equal(got_t[k], want_t[k])
     pipe = SD3Pipeline.load(str(root / "ckpt"))
     ctrl = np.zeros((16, 16, 3), np.uint8)
     ctrl[:8, :8] = 255

@@ -33,10 +33,13 @@ def open_source(
     defaults) as `sd3-jax convert --turbo` does."""
     from sd3_jax.convert import hub
     from sd3_jax.convert.pipeline_io import load_component
-    from sd3_jax.convert.workdir import is_run, open_run
+    from sd3_jax.convert.workdir import is_run, open_controlnet_run, open_run, run_info
 
     if step is not None and not is_run(source):
         raise ValueError(f"{source}: a step asked of something that is not a training workdir")
+    if is_run(source) and run_info(source)["adapter"] == "controlnet":
+        manifest, load = open_controlnet_run(source, step)
+        return Opened(manifest, None, load)
     if is_run(source):
         run = open_run(source, step)
 

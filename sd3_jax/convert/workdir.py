@@ -19,13 +19,18 @@ from sd3_jax.convert.orbax_io import CheckpointFormatError, config_to_json, read
 RUN = "run.json"
 
 
-def write_run_info(workdir: str, model: Any, init_from: str | None, adapter: str) -> None:
-    """Records what a checkpoint of this run needs to be sampled (process 0 writes it, atomically)."""
+def write_run_info(
+    workdir: str, model: Any, init_from: str | None, adapter: str, controlnet: Any = None
+) -> None:
+    """Records what a checkpoint of this run needs to be sampled (process 0 writes it, atomically): the
+    transformer's config, the checkpoint it started from, the adapter, and a ControlNet run's net config."""
     info = {
         "model": config_to_json(model),
         "init_from": os.path.abspath(init_from) if init_from else None,
         "adapter": adapter,
     }
+    if controlnet is not None:
+        info["controlnet"] = config_to_json(controlnet)
     tmp = os.path.join(workdir, RUN + ".tmp")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)
@@ -51,57 +56,101 @@ class Run:
 
     def transformer(self, dtype: Any = None, shardings: Any = None) -> tuple[Any, Any]:
         """(config, EMA params of the step) as device arrays, sharded like `shardings` where given."""
-        import jax
-        import orbax.checkpoint as ocp
-
         from sd3_jax.convert.mmdit import abstract_params
 
         cfg = self.transformer_config
-        abstract = abstract_params(cfg)
-        if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, abstract)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings
-        )
-        restore = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
-        mngr = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"))
-        try:
-            got = mngr.restore(
-                self.step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item={"ema_params": target},
-                        restore_args={"ema_params": restore},
-                        partial_restore=True,
-                    )
-                ),
-            )
-        except (ValueError, KeyError, OSError) as e:
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise CheckpointFormatError(
-                f"{self.workdir}: cannot read the EMA params of step {self.step} "
-                f"({type(e).__name__}: {first})"
-            ) from None
-        return cfg, got.state["ema_params"]
+        return cfg, restore_ema(self.workdir, self.step, abstract_params(cfg), dtype, shardings)
 
 
-def open_run(workdir: str, step: int | None = None) -> Run:
-    """The run in `workdir` at `step` (None: its latest complete checkpoint)."""
+def restore_ema(workdir: str, step: int, abstract: Any, dtype: Any = None, shardings: Any = None) -> Any:
+    """The `ema_params` subtree of a run's train state at `step`, shaped like `abstract`, as device arrays
+    (one device, or sharded like `shardings`); nothing else of the state is read."""
+    import jax
     import orbax.checkpoint as ocp
 
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings
+    )
+    restore = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    try:
+        got = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"ema_params": target}, restore_args={"ema_params": restore}, partial_restore=True
+                )
+            ),
+        )
+    except (ValueError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointFormatError(
+            f"{workdir}: cannot read the EMA params of step {step} ({type(e).__name__}: {first})"
+        ) from None
+    return got.state["ema_params"]
+
+
+def run_info(workdir: str) -> dict:
+    """WORKDIR/run.json, checked for the fields every run has."""
     path = os.path.join(workdir, RUN)
     try:
         with open(path) as f:
             info = json.load(f)
-        model, init_from, adapter = info["model"], info["init_from"], info["adapter"]
+        info["model"], info["init_from"], info["adapter"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointFormatError(f"{path}: corrupt run record ({type(e).__name__}: {e})") from None
+    return info
+
+
+def run_step(workdir: str, step: int | None) -> int:
+    """`step` if the run has a complete checkpoint there; None: its latest."""
+    import orbax.checkpoint as ocp
+
+    steps = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")).all_steps()
+    if not steps:
+        raise CheckpointFormatError(f"{workdir}: no complete checkpoint yet")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise ValueError(
+            f"{workdir}: no checkpoint at step {step} (have {', '.join(map(str, sorted(steps)))})"
+        )
+    return step
+
+
+def open_controlnet_run(workdir: str, step: int | None = None) -> tuple[dict, Any]:
+    """A ControlNet run read as a ControlNet checkpoint: (manifest, load(component, dtype, shardings)) with
+    the EMA net of `step` (None: the latest)."""
+    from sd3_jax.convert.components import read_config
+    from sd3_jax.convert.controlnet import abstract_params
+
+    info = run_info(workdir)
+    if "controlnet" not in info:
+        raise CheckpointFormatError(
+            f"{workdir}: run.json predates ControlNet configs in it; load the net it exported, "
+            f"{os.path.join(workdir, 'controlnet')}"
+        )
+    step = run_step(workdir, step)
+    manifest = {"components": {"controlnet": {"kind": "controlnet", "config": info["controlnet"]}}}
+
+    def load(component, dtype=None, shardings=None):
+        cfg = read_config("controlnet", info["controlnet"])
+        return cfg, restore_ema(os.path.abspath(workdir), step, abstract_params(cfg), dtype, shardings)
+
+    return manifest, load
+
+
+def open_run(workdir: str, step: int | None = None) -> Run:
+    """The run in `workdir` at `step` (None: its latest complete checkpoint)."""
+    info = run_info(workdir)
+    model, init_from, adapter = info["model"], info["init_from"], info["adapter"]
     if adapter == "controlnet":
         raise ValueError(
-            f"{workdir}: a ControlNet run: sample its base with the ControlNet it exported, "
-            f"`sd3-jax sample --checkpoint {init_from} --controlnet {os.path.join(workdir, 'controlnet')} "
-            "--control-image IMG`"
+            f"{workdir}: a ControlNet run: sample its base with it, "
+            f"`sd3-jax sample --checkpoint {init_from} --controlnet {workdir} --control-image IMG`"
         )
     if adapter:
         raise ValueError(
@@ -113,15 +162,7 @@ def open_run(workdir: str, step: int | None = None) -> Run:
             f"{workdir}: trained from scratch (no init_from), so it has no VAE or text encoders to sample "
             "with; train with --set init_from=CHECKPOINT"
         )
-    steps = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")).all_steps()
-    if not steps:
-        raise CheckpointFormatError(f"{workdir}: no complete checkpoint yet")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ValueError(
-            f"{workdir}: no checkpoint at step {step} (have {', '.join(map(str, sorted(steps)))})"
-        )
+    step = run_step(workdir, step)
     manifest = read_manifest(init_from)
     components = dict(manifest["components"])
     components["transformer"] = {**components.get("transformer", {}), "kind": "mmdit", "config": model}
