@@ -15,6 +15,7 @@ from PIL import Image
 from sd3_jax import demo
 from sd3_jax.cli import main
 from sd3_jax.convert.lora import import_lora
+from sd3_jax.convert.mapping import CheckpointError
 from sd3_jax.data import shapes
 from sd3_jax.lora import LoraConfig, apply_lora
 from sd3_jax.train.config import DataConfig, OptimConfig, TrainConfig, apply_overrides, check_finetune
@@ -96,6 +97,22 @@ def test_lora_run_trains_only_the_adapter_resumes_and_exports(base, tmp_path):
     for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7, err_msg=str(p))
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(params)))
+
+    # The workdir itself is the adapter at any checkpointed step; `export WORKDIR --step` writes it.
+    at4 = import_lora(str(straight), MODEL)  # the latest: the EMA adapter of the state at the end
+    jax.tree.map(np.testing.assert_array_equal, at4, jax.device_get(state.ema_params))
+    assert at4.scaling == state.ema_params.scaling == 2.0
+    at2 = import_lora(str(straight), MODEL, step=2)
+    assert jax.tree.structure(at2) == jax.tree.structure(at4)
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(at2), jax.tree.leaves(at4)))
+    out = tmp_path / "x"
+    assert main(["export", str(straight), "--format", "diffusers", "--out", str(out), "--step", "4"]) == 0
+    name = "pytorch_lora_weights.safetensors"
+    assert (out / name).read_bytes() == (straight / "lora" / name).read_bytes()
+    with pytest.raises(ValueError, match="no checkpoint at step 3 \\(have 2, 4\\)"):
+        import_lora(str(straight), MODEL, step=3)
+    with pytest.raises(CheckpointError, match="its LoRA is for another model"):
+        import_lora(str(straight), MODEL.replace(head_dim=64))
 
 
 def write_pairs(folder, n: int = 8) -> str:

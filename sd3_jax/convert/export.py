@@ -64,6 +64,17 @@ def export(ckpt: str, fmt: str, out: str, step: int | None = None) -> list[str]:
 
     if fmt not in ("diffusers", "sai"):
         raise ValueError(f"--format must be diffusers or sai, got {fmt!r}")
+    from sd3_jax.convert.workdir import is_run, lora_of_run, run_info
+
+    if is_run(ckpt) and run_info(ckpt)["adapter"] == "lora":  # the adapter of a step, as the run exports it
+        from sd3_jax.convert.lora import export_lora_diffusers
+
+        if fmt != "diffusers":
+            raise ValueError("a LoRA run exports in diffusers' layout only: --format diffusers")
+        model, lora = lora_of_run(ckpt, step)
+        with atomic_directory(out) as tmp:
+            export_lora_diffusers(jax.device_get(lora), model, tmp)
+        return ["lora"]
     opened = open_source(ckpt, step)
     manifest = opened.manifest
     if "controlnet" in manifest["components"]:

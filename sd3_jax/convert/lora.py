@@ -218,14 +218,18 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def import_lora(source: Any, cfg: MMDiTConfig, ignore_text_encoders: bool = False) -> Lora:
+def import_lora(
+    source: Any, cfg: MMDiTConfig, ignore_text_encoders: bool = False, step: int | None = None
+) -> Lora:
     """Reads a LoRA file (any layout in the module docstring) into an adapter for MMDiT(cfg).
 
     Args:
       source: a `.safetensors` file, a folder holding `pytorch_lora_weights.safetensors` (or one
-        .safetensors), or a dict of arrays / torch tensors.
+        .safetensors), a dict of arrays / torch tensors, or a LoRA training workdir (its EMA adapter at
+        `step`, None: the latest checkpoint).
       cfg: the model the adapter is for (e.g. the config `load_mmdit` returned).
       ignore_text_encoders: drop text-encoder LoRA keys (`lora_te*`, `text_encoder*`) instead of raising.
+      step: a workdir's checkpoint.
 
     Returns a `Lora` with scaling 1 (each module's alpha / r folded into b). Modules of one scanned segment
     with different ranks are zero-padded to the largest; blocks the file leaves out get zero factors.
@@ -233,6 +237,12 @@ def import_lora(source: Any, cfg: MMDiTConfig, ignore_text_encoders: bool = Fals
     Raises:
       CheckpointError naming unknown keys, modules missing lora_A or lora_B, and shape mismatches.
     """
+    from sd3_jax.convert.workdir import is_run
+
+    if not isinstance(source, Mapping) and is_run(os.fspath(source)):
+        return _run_lora(os.fspath(source), cfg, step)
+    if step is not None:
+        raise ValueError(f"{source}: a step asked of something that is not a training workdir")
     path, peft = _resolve(source)
     if peft.get("use_dora"):
         raise CheckpointError(
@@ -285,6 +295,25 @@ def import_lora(source: Any, cfg: MMDiTConfig, ignore_text_encoders: bool = Fals
                 )
             pieces.setdefault(t, []).append((a, b.astype(np.float32)))
     return Lora(params=_stack(pieces, abstract), scaling=1.0)
+
+
+def _run_lora(workdir: str, cfg: MMDiTConfig, step: int | None) -> Lora:
+    """A LoRA run's EMA adapter, checked to fit MMDiT(cfg)."""
+    from sd3_jax.convert.workdir import lora_of_run
+
+    _, lora = lora_of_run(workdir, step)
+    base = abstract_params(cfg)
+    for path, ab in adapter_modules(lora.params):
+        lead, n_in = layout(path)
+        try:
+            k = _get(base, path)["kernel"].shape
+        except (KeyError, TypeError):
+            k = None
+        a, b = ab["a"].shape, ab["b"].shape
+        if k is None or a[:-1] != k[: lead + n_in] or b[:lead] + b[lead + 1 :] != k[:lead] + k[lead + n_in :]:
+            where = "/".join(path)
+            raise CheckpointError(f"{workdir}: its LoRA is for another model (no {where} of that shape)")
+    return lora
 
 
 def _stack(pieces: Mapping[Target, list[tuple[np.ndarray, np.ndarray]]], abstract) -> dict[str, Any]:

@@ -20,17 +20,18 @@ RUN = "run.json"
 
 
 def write_run_info(
-    workdir: str, model: Any, init_from: str | None, adapter: str, controlnet: Any = None
+    workdir: str, model: Any, init_from: str | None, adapter: str, adapter_config: Any = None
 ) -> None:
     """Records what a checkpoint of this run needs to be sampled (process 0 writes it, atomically): the
-    transformer's config, the checkpoint it started from, the adapter, and a ControlNet run's net config."""
+    transformer's config, the checkpoint it started from, the adapter and its config (the ControlNet's, or
+    the LoRA's rank, alpha and targets) under the adapter's name."""
     info = {
         "model": config_to_json(model),
         "init_from": os.path.abspath(init_from) if init_from else None,
         "adapter": adapter,
     }
-    if controlnet is not None:
-        info["controlnet"] = config_to_json(controlnet)
+    if adapter_config is not None:
+        info[adapter] = config_to_json(adapter_config)
     tmp = os.path.join(workdir, RUN + ".tmp")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)
@@ -121,18 +122,40 @@ def run_step(workdir: str, step: int | None) -> int:
     return step
 
 
+def _adapter_info(workdir: str, adapter: str) -> dict:
+    info = run_info(workdir)
+    if info["adapter"] != adapter:
+        raise ValueError(f"{workdir}: not a {adapter} run (adapter {info['adapter'] or 'none'})")
+    if adapter not in info:
+        raise CheckpointFormatError(
+            f"{workdir}: run.json predates {adapter} configs in it; load what the run exported, "
+            f"{os.path.join(workdir, adapter)}"
+        )
+    return info
+
+
+def lora_of_run(workdir: str, step: int | None = None) -> tuple[Any, Any]:
+    """(transformer config, the EMA adapter of `step`, None: the latest) of a LoRA run."""
+    import jax
+
+    from sd3_jax.convert.components import read_config
+    from sd3_jax.convert.mmdit import abstract_params
+    from sd3_jax.lora import LoraConfig, init_lora
+
+    info = _adapter_info(workdir, "lora")
+    model = read_config("mmdit", info["model"])
+    lora_cfg = LoraConfig(**info["lora"])
+    abstract = jax.eval_shape(lambda k: init_lora(k, abstract_params(model), lora_cfg), jax.random.key(0))
+    return model, restore_ema(os.path.abspath(workdir), run_step(workdir, step), abstract)
+
+
 def open_controlnet_run(workdir: str, step: int | None = None) -> tuple[dict, Any]:
     """A ControlNet run read as a ControlNet checkpoint: (manifest, load(component, dtype, shardings)) with
     the EMA net of `step` (None: the latest)."""
     from sd3_jax.convert.components import read_config
     from sd3_jax.convert.controlnet import abstract_params
 
-    info = run_info(workdir)
-    if "controlnet" not in info:
-        raise CheckpointFormatError(
-            f"{workdir}: run.json predates ControlNet configs in it; load the net it exported, "
-            f"{os.path.join(workdir, 'controlnet')}"
-        )
+    info = _adapter_info(workdir, "controlnet")
     step = run_step(workdir, step)
     manifest = {"components": {"controlnet": {"kind": "controlnet", "config": info["controlnet"]}}}
 
@@ -154,8 +177,8 @@ def open_run(workdir: str, step: int | None = None) -> Run:
         )
     if adapter:
         raise ValueError(
-            f"{workdir}: a {adapter} run: sample its base with the adapter it exported, "
-            f"`sd3-jax sample --checkpoint {init_from} --lora {os.path.join(workdir, 'lora')}`"
+            f"{workdir}: a {adapter} run: sample its base with it, "
+            f"`sd3-jax sample --checkpoint {init_from} --lora {workdir}`"
         )
     if not init_from:
         raise ValueError(

@@ -191,12 +191,12 @@ def _train(
     if jax.process_index() == 0:
         from sd3_jax.convert.workdir import write_run_info
 
-        net = None
+        adapter_config = cfg.lora if cfg.adapter == "lora" else None
         if cfg.adapter == "controlnet":
             from sd3_jax.train.controlnet import net_config
 
-            net = net_config(cfg)
-        write_run_info(workdir, cfg.model, cfg.init_from, cfg.adapter, net)
+            adapter_config = net_config(cfg)
+        write_run_info(workdir, cfg.model, cfg.init_from, cfg.adapter, adapter_config)
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.steps)
     lr_at = learning_rate(cfg.optim, cfg.steps)
