@@ -135,10 +135,10 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
     policy so far (`points`, extended here); the predicted largest batch is compiled to confirm it, and
     after a refusal the search steps down from the smallest batch refused, 5% and doubling (rows found
     before 2026-12-04 15:40 bisected instead: their `checked` lists say so).
-    Until two compiles of this slice are known, `prior` (fixed, per token-image bytes: the same model and
-    policy fitted on another slice with as many chips) stands in for the fit, its fixed part moved to pass
-    through this slice's one compile when there is one; without a prior, two compiles start the fit (1
-    and 2 per chip). The peak at 1 per chip, where the fit table has it (`first`), is a free point."""
+    Until this slice's compiles span 1.5x in batch x tokens, `prior` (fixed, per token-image bytes: the same
+    model and policy fitted on another slice with as many chips) stands in for the fit, its fixed part moved
+    to pass through this slice's latest compile when there is one; without a prior, two compiles start the
+    fit (1 and 2 per chip). The peak at 1 per chip, where the fit table has it (`first`), is a free point."""
     hbm, tok = plan.chip_hbm(devices[0]), _tokens(res)
     checked = []
 
@@ -155,8 +155,10 @@ def max_batch(model: str, res: int, devices, remat: str, points: list, first=Non
 
     def fit() -> tuple[float, float] | None:
         own = _affine(points)
-        if own is not None or prior is None:
-            return own
+        xs = [b * t for b, t, _ in points]
+        if prior is None or (own is not None and max(xs) >= 1.5 * min(xs)):
+            return own  # compiles near the largest batch all have about the same batch x tokens: their
+        # slope alone is noise, so the prior's slope is kept until this slice's compiles span 1.5x
         fixed, slope = prior
         if points:
             b, t, p = points[-1]
