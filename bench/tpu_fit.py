@@ -279,7 +279,9 @@ def _prior(doc: dict, train: dict, model: str, topology: str, remat: str, chips:
     return _affine(best)
 
 
-def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...], models=MODELS) -> None:
+def run_max_batch(
+    train_json: str, out: str, topologies: tuple[str, ...], models=MODELS, remats=MAX_BATCH_REMAT
+) -> None:
     """The largest batch per chip under each remat policy for the training rows of `topologies` (in their
     own file, so that it can run beside `--task train`), one model, slice and policy at a time so that
     each search starts from the fit of the resolutions before it."""
@@ -290,7 +292,7 @@ def run_max_batch(train_json: str, out: str, topologies: tuple[str, ...], models
     for topology in topologies:
         devices = None
         for model in models:
-            for remat in MAX_BATCH_REMAT:
+            for remat in remats:
                 points = _points(doc, train, (model, topology, remat))
                 prior = _prior(doc, train, model, topology, remat, chips)
                 for res in (256, 512, 1024):
@@ -509,6 +511,7 @@ def main() -> None:
         help="max-batch: the slices whose training rows get the largest batch per remat policy",
     )
     ap.add_argument("--models", default=",".join(MODELS), help="max-batch: the models searched, in order")
+    ap.add_argument("--remat", default=",".join(MAX_BATCH_REMAT), help="max-batch: the policies searched")
     a = ap.parse_args()
     out = a.out or f"bench/results/tpu-fit-{a.task}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -523,7 +526,8 @@ def main() -> None:
     else:
         train_json = os.path.join(os.path.dirname(out), "tpu-fit-train.json")
         models = tuple(m for m in a.models.split(",") if m)
-        run_max_batch(train_json, out, tuple(s for s in a.max_batch_on.split(",") if s), models)
+        remats = tuple(r for r in a.remat.split(",") if r)
+        run_max_batch(train_json, out, tuple(s for s in a.max_batch_on.split(",") if s), models, remats)
 
 
 if __name__ == "__main__":
