@@ -124,7 +124,7 @@ def _tpu() -> str:
         f"{' and fits v5e' if fits else ''}; the replicated T5-XXL is {t5:.1f} GiB of it. Training (fp32 "
         "params, Adam and EMA, one image per chip, 8 chips, GiB per chip at 256 / 512 / 1024 px): "
         f"SD3 Medium {row('sd3_medium', 'v5e:2x4')} on v5e, {row('sd3_medium', 'v5p:2x2x2')} on v5p; "
-        f"SD3.5 Large {row('sd35_large', 'v5p:2x2x2')} on v5p. Largest images per chip found so far "
+        f"SD3.5 Large {row('sd35_large', 'v5p:2x2x2')} on v5p. Largest images per chip "
         f"(`--task max-batch`, remat policy then 256 / 512 / 1024 px, 256 the search's cap): "
         f"{'; '.join(found)}. SD3 Medium's train step on "
         f"{fsdp['topology']} (fsdp={fsdp['fsdp']}, {fsdp['res']} px, {fsdp['per_chip']} images per chip) "
