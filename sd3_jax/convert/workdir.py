@@ -158,9 +158,9 @@ def open_controlnet_run(workdir: str, step: int | None = None) -> tuple[dict, An
     info = _adapter_info(workdir, "controlnet")
     step = run_step(workdir, step)
     manifest = {"components": {"controlnet": {"kind": "controlnet", "config": info["controlnet"]}}}
+    cfg = read_config("controlnet", info["controlnet"])
 
     def load(component, dtype=None, shardings=None):
-        cfg = read_config("controlnet", info["controlnet"])
         return cfg, restore_ema(os.path.abspath(workdir), step, abstract_params(cfg), dtype, shardings)
 
     return manifest, load
@@ -170,12 +170,7 @@ def open_run(workdir: str, step: int | None = None) -> Run:
     """The run in `workdir` at `step` (None: its latest complete checkpoint)."""
     info = run_info(workdir)
     model, init_from, adapter = info["model"], info["init_from"], info["adapter"]
-    if adapter == "controlnet":
-        raise ValueError(
-            f"{workdir}: a ControlNet run: sample its base with it, "
-            f"`sd3-jax sample --checkpoint {init_from} --controlnet {workdir} --control-image IMG`"
-        )
-    if adapter:
+    if adapter:  # ControlNet runs open as ControlNets (open_controlnet_run) before they get here
         raise ValueError(
             f"{workdir}: a {adapter} run: sample its base with it, "
             f"`sd3-jax sample --checkpoint {init_from} --lora {workdir}`"
